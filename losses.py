@@ -1,0 +1,175 @@
+"""Training losses of the blog's "Training" section: L_total = c_ppo L_cispo + c_value L_value + c_KL D_KL.
+
+Pure functions over padded tensors [B, T] (token log-probs, advantages, a float 0/1 mask), no
+model code. Aggregation everywhere is the token-level mean over all valid tokens of the batch
+(sum over valid tokens / number of valid tokens, as in DAPO and ScaleRL), so long and short
+sequences weigh per token. Padded positions are removed with `torch.where` *before* any math, so
+NaN/inf there can reach neither the loss nor the gradient.
+"""
+
+import torch
+from torch import Tensor
+
+
+def _valid(fn: str, mask: Tensor, **tensors: Tensor) -> Tensor:
+    """Boolean mask of valid tokens, after checking every tensor has the mask's shape."""
+    for name, t in tensors.items():
+        if t.shape != mask.shape:
+            raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)}, expected {tuple(mask.shape)} like mask")
+    return mask > 0
+
+
+def _masked_mean(x: Tensor, valid: Tensor) -> Tensor:
+    """Token-level mean over all valid tokens of the batch (0 when there are none)."""
+    return torch.where(valid, x, 0.0).sum() / valid.sum().clamp(min=1)
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
+    """float32 log pi(tokens) from logits [B,T,V] of any dtype ("logits in float32 as per ScaleRL").
+
+    logits[:, t] must be the distribution over tokens[:, t] (the caller shifts). logsumexp + gather
+    avoids materialising a second [B,T,V] log_softmax tensor.
+    """
+    if logits.shape[:-1] != tokens.shape:
+        raise ValueError(f"token_logprobs: logits {tuple(logits.shape)} do not match tokens {tuple(tokens.shape)}")
+    logits = logits.float()
+    picked = logits.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def cispo_weight(logp: Tensor, old_logp: Tensor, eps_high: float = 5.0, bound: str = "blog") -> Tensor:
+    """sg(min(pi_theta / pi_old, cap)): CISPO's importance weight, capped from above and detached.
+
+    The blog writes min(ratio, epsilon) with epsilon_high = 5.0, i.e. cap = eps_high; this is also
+    the blog author's code and TRL's `loss_type="cispo"` (clamp(ratio, max=epsilon_high).detach()).
+    MiniMax-M1 (the CISPO paper, arXiv:2506.13585) clips the weight to 1 + eps_high instead
+    (its lower bound is left off, as in its experiments): bound="minimax".
+    """
+    if bound == "blog":
+        cap = eps_high
+    elif bound == "minimax":
+        cap = 1.0 + eps_high
+    else:
+        raise ValueError(f"cispo bound must be 'blog' or 'minimax', got {bound!r}")
+    return torch.exp(logp - old_logp).clamp(max=cap).detach()
+
+
+def _cispo(logp, old_logp, advantages, mask, eps_high, bound) -> tuple[Tensor, Tensor]:
+    """(L_cispo, fraction of valid tokens whose weight hit the cap)."""
+    valid = _valid("cispo_loss", mask, logp=logp, old_logp=old_logp, advantages=advantages)
+    logp, old_logp, advantages = (torch.where(valid, x, 0.0) for x in (logp, old_logp, advantages))
+    w = cispo_weight(logp, old_logp, eps_high, bound)
+    capped = (torch.exp(logp - old_logp) > w).float()
+    # Blog: L_cispo = -E[ sg(min(pi_theta/pi_old, eps)) * A_t * log pi_theta(a_t|s_t) ]
+    return -_masked_mean(w * advantages * logp, valid), _masked_mean(capped, valid)
+
+
+def cispo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+               eps_high: float = 5.0, bound: str = "blog") -> Tensor:
+    """Blog's L_cispo: REINFORCE on log pi weighted by the detached, capped ratio, so no token's
+    gradient is ever switched off (unlike PPO's clip); d/d logp_t = -w_t A_t / n_tokens."""
+    return _cispo(logp, old_logp, advantages, mask, eps_high, bound)[0]
+
+
+def _ppo_clip(logp, old_logp, advantages, mask, eps) -> tuple[Tensor, Tensor]:
+    """(L_ppo, fraction of valid tokens whose gradient the clip switched off)."""
+    valid = _valid("ppo_clip_loss", mask, logp=logp, old_logp=old_logp, advantages=advantages)
+    logp, old_logp, advantages = (torch.where(valid, x, 0.0) for x in (logp, old_logp, advantages))
+    ratio = torch.exp(logp - old_logp)
+    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1.0 - eps, 1.0 + eps) * advantages)
+    clipped = ((ratio > 1.0 + eps) & (advantages > 0)) | ((ratio < 1.0 - eps) & (advantages < 0))
+    return -_masked_mean(surrogate, valid), _masked_mean(clipped.float(), valid)
+
+
+def ppo_clip_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
+                  eps: float = 0.2) -> Tensor:
+    """Standard PPO clipped surrogate -E[min(r A, clip(r, 1-eps, 1+eps) A)], the `--loss ppo` option."""
+    return _ppo_clip(logp, old_logp, advantages, mask, eps)[0]
+
+
+def value_loss(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """Blog's L_value = E[(V(s_t) - r)^2]; returns [B] (terminal reward, broadcast) or [B,T]."""
+    if returns.dim() == 1:
+        returns = returns[:, None].expand_as(mask)
+    valid = _valid("value_loss", mask, values=values, returns=returns)
+    values, returns = (torch.where(valid, x, 0.0) for x in (values, returns))
+    return _masked_mean((values - returns) ** 2, valid)
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
+    """Schulman's k3 estimate of D_KL(pi_theta || pi_ref) on tokens sampled from pi_theta (DeepSeek-R1).
+
+    Per token: pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 >= 0. The blog prints the ratio the other
+    way up (pi_theta/pi_ref); we use pi_ref/pi_theta because the estimate is unbiased only when the
+    ratio has mean 1 under the sampling policy: E_theta[pi_ref/pi_theta] = 1, whereas
+    E_theta[pi_theta/pi_ref] - 1 is a chi^2 divergence, not KL (tests/test_losses.py checks both).
+    """
+    valid = _valid("kl_k3", mask, logp=logp, ref_logp=ref_logp)
+    log_r = torch.where(valid, ref_logp, 0.0) - torch.where(valid, logp, 0.0)
+    return _masked_mean(torch.exp(log_r) - log_r - 1.0, valid)
+
+
+def mcts_advantages(rewards: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """Blog's A_t = r_terminal - sg(V_old(s_t)): the same terminal reward on every token, no GAE
+    (traces are long and the reward is terminal, so discounting would erase early tokens)."""
+    if rewards.shape != mask.shape[:1]:
+        raise ValueError(f"mcts_advantages: rewards {tuple(rewards.shape)} must be [B] for mask {tuple(mask.shape)}")
+    valid = _valid("mcts_advantages", mask, values=values)
+    return torch.where(valid, rewards[:, None] - values.detach(), 0.0)
+
+
+def group_advantages(rewards: Tensor, normalize_std: bool = False, eps: float = 1e-6) -> Tensor:
+    """CISPO baseline's group-relative advantage: reward minus its group's mean, [n_groups, G].
+
+    Default mean-only (Dr. GRPO): dividing by the group std up-weights groups whose rewards barely
+    differ (near-all-right or near-all-wrong prompts) and keeps the scale of A comparable to the
+    MCTS advantage r - V. normalize_std=True gives GRPO's (r - mean) / (std + eps), sample std.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"group_advantages: rewards must be [n_groups, G], got {tuple(rewards.shape)}")
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if not normalize_std:
+        return centred
+    if rewards.shape[1] < 2:
+        raise ValueError("group_advantages: normalize_std needs a group size of at least 2")
+    return centred / (rewards.std(dim=1, keepdim=True) + eps)
+
+
+def total_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, values: Tensor,
+               rewards: Tensor, advantages: Tensor, mask: Tensor, c_ppo: float = 1.0,
+               c_value: float = 1.0, c_kl: float = 0.05, loss: str = "cispo",
+               eps_high: float = 5.0, bound: str = "blog", eps: float = 0.2,
+               ) -> tuple[Tensor, dict[str, float]]:
+    """Blog's L_total = c_ppo L_policy + c_value L_value + c_KL D_KL, plus scalars for logging.
+
+    advantages are per token [B,T] (mcts_advantages, or group_advantages broadcast over tokens);
+    rewards [B] are the value targets; ref_logp=None drops the KL term (needs c_kl == 0).
+    Defaults are the blog's table (c_ppo 1.0, c_value 1.0, c_KL 0.05, CISPO epsilon_high 5.0).
+    """
+    if loss == "cispo":
+        policy, clip_frac = _cispo(logp, old_logp, advantages, mask, eps_high, bound)
+    elif loss == "ppo":
+        policy, clip_frac = _ppo_clip(logp, old_logp, advantages, mask, eps)
+    else:
+        raise ValueError(f"total_loss: loss must be 'cispo' or 'ppo', got {loss!r}")
+    if ref_logp is None:
+        if c_kl != 0:
+            raise ValueError("total_loss: c_kl != 0 needs ref_logp")
+        kl = policy.new_zeros(())
+    else:
+        kl = kl_k3(logp, ref_logp, mask)
+    v_loss = value_loss(values, rewards, mask)
+    total = c_ppo * policy + c_value * v_loss + c_kl * kl
+    valid = mask > 0
+    log_ratio = torch.where(valid, logp.detach() - old_logp, 0.0)
+    stats = {
+        "total_loss": total.item(),
+        "policy_loss": policy.item(),
+        "value_loss": v_loss.item(),
+        "kl": kl.item(),
+        "clip_frac": clip_frac.item(),
+        "ratio_mean": _masked_mean(torch.exp(log_ratio), valid).item(),
+        "advantage_mean": _masked_mean(advantages.detach(), valid).item(),
+        "n_tokens": float(valid.sum().item()),
+    }
+    return total, stats
