@@ -1,4 +1,4 @@
-"""Training losses of the blog's "Training" section: L_total = c_ppo L_cispo + c_value L_value + c_KL D_KL.
+"""The blog's "Training" losses: L_total = c_ppo L_cispo + c_value L_value + c_KL D_KL.
 
 Pure functions over padded tensors [B, T] (token log-probs, advantages, a float 0/1 mask), no
 model code. Aggregation everywhere is the token-level mean over all valid tokens of the batch
@@ -15,7 +15,9 @@ def _valid(fn: str, mask: Tensor, **tensors: Tensor) -> Tensor:
     """Boolean mask of valid tokens, after checking every tensor has the mask's shape."""
     for name, t in tensors.items():
         if t.shape != mask.shape:
-            raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)}, expected {tuple(mask.shape)} like mask")
+            raise ValueError(
+                f"{fn}: {name} has shape {tuple(t.shape)}, expected {tuple(mask.shape)} like mask"
+            )
     return mask > 0
 
 
@@ -31,13 +33,16 @@ def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     avoids materialising a second [B,T,V] log_softmax tensor.
     """
     if logits.shape[:-1] != tokens.shape:
-        raise ValueError(f"token_logprobs: logits {tuple(logits.shape)} do not match tokens {tuple(tokens.shape)}")
+        raise ValueError(
+            f"token_logprobs: logits {tuple(logits.shape)} don't fit tokens {tuple(tokens.shape)}"
+        )
     logits = logits.float()
     picked = logits.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def cispo_weight(logp: Tensor, old_logp: Tensor, eps_high: float = 5.0, bound: str = "blog") -> Tensor:
+def cispo_weight(logp: Tensor, old_logp: Tensor, eps_high: float = 5.0,
+                 bound: str = "blog") -> Tensor:
     """sg(min(pi_theta / pi_old, cap)): CISPO's importance weight, capped from above and detached.
 
     The blog writes min(ratio, epsilon) with epsilon_high = 5.0, i.e. cap = eps_high; this is also
@@ -83,7 +88,7 @@ def _ppo_clip(logp, old_logp, advantages, mask, eps) -> tuple[Tensor, Tensor]:
 
 def ppo_clip_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                   eps: float = 0.2) -> Tensor:
-    """Standard PPO clipped surrogate -E[min(r A, clip(r, 1-eps, 1+eps) A)], the `--loss ppo` option."""
+    """Standard PPO clipped surrogate -E[min(r A, clip(r, 1-eps, 1+eps) A)]: `--loss ppo`."""
     return _ppo_clip(logp, old_logp, advantages, mask, eps)[0]
 
 
@@ -97,12 +102,12 @@ def value_loss(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
 
 
 def kl_k3(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
-    """Schulman's k3 estimate of D_KL(pi_theta || pi_ref) on tokens sampled from pi_theta (DeepSeek-R1).
+    """Schulman's k3 estimate of D_KL(pi_theta || pi_ref) from tokens sampled by pi_theta (R1).
 
-    Per token: pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 >= 0. The blog prints the ratio the other
-    way up (pi_theta/pi_ref); we use pi_ref/pi_theta because the estimate is unbiased only when the
-    ratio has mean 1 under the sampling policy: E_theta[pi_ref/pi_theta] = 1, whereas
-    E_theta[pi_theta/pi_ref] - 1 is a chi^2 divergence, not KL (tests/test_losses.py checks both).
+    Per token r - log r - 1 >= 0 with r = pi_ref/pi_theta. The blog prints the ratio the other way
+    up (pi_theta/pi_ref); under samples from pi_theta only r = pi_ref/pi_theta has mean 1, so
+    E[r - 1] = 0 and E[-log r] = KL exactly; the printed direction has mean chi^2 - KL instead
+    (tests/test_losses.py checks both by Monte Carlo).
     """
     valid = _valid("kl_k3", mask, logp=logp, ref_logp=ref_logp)
     log_r = torch.where(valid, ref_logp, 0.0) - torch.where(valid, logp, 0.0)
@@ -113,7 +118,7 @@ def mcts_advantages(rewards: Tensor, values: Tensor, mask: Tensor) -> Tensor:
     """Blog's A_t = r_terminal - sg(V_old(s_t)): the same terminal reward on every token, no GAE
     (traces are long and the reward is terminal, so discounting would erase early tokens)."""
     if rewards.shape != mask.shape[:1]:
-        raise ValueError(f"mcts_advantages: rewards {tuple(rewards.shape)} must be [B] for mask {tuple(mask.shape)}")
+        raise ValueError(f"mcts_advantages: rewards must be [B], got {tuple(rewards.shape)}")
     valid = _valid("mcts_advantages", mask, values=values)
     return torch.where(valid, rewards[:, None] - values.detach(), 0.0)
 
@@ -126,7 +131,9 @@ def group_advantages(rewards: Tensor, normalize_std: bool = False, eps: float = 
     MCTS advantage r - V. normalize_std=True gives GRPO's (r - mean) / (std + eps), sample std.
     """
     if rewards.dim() != 2:
-        raise ValueError(f"group_advantages: rewards must be [n_groups, G], got {tuple(rewards.shape)}")
+        raise ValueError(
+            f"group_advantages: rewards must be [n_groups, G], got {tuple(rewards.shape)}"
+        )
     centred = rewards - rewards.mean(dim=1, keepdim=True)
     if not normalize_std:
         return centred
