@@ -157,10 +157,15 @@ def _expression(node: _Node, value: Value) -> tuple[str, int]:
     return f"{left}{node.op}{right}", prec
 
 
+def _operand(value: Value) -> str:
+    """A step operand: fractions ("a/b") and negatives go in parentheses so "8/(1/3)" reads right."""
+    return str(value) if type(value) is int and value >= 0 else f"({value})"
+
+
 def _steps(node: _Node, value: Value) -> list[str]:
     if not node.op:
         return []
-    step = f"{node.left[1]}{node.op}{node.right[1]}={value}"  # str(Fraction) is "a/b"
+    step = f"{_operand(node.left[1])}{node.op}{_operand(node.right[1])}={value}"
     return _steps(*_child(node.left)) + _steps(*_child(node.right)) + [step]
 
 
@@ -258,7 +263,7 @@ def make_prompt(problem: Problem, tokenizer=None) -> str:
     """The full prompt: a short user message (the tiny model is character-level), chat-templated
     when the tokenizer has a template."""
     msg = (f"Use {' '.join(map(str, problem.nums))} to make {problem.target} with + - * /, "
-           f"each number once. End steps with {STEP_END}, answer in {ANSWER_OPEN}{ANSWER_CLOSE}.")
+           f"each once. End steps with {STEP_END}, answer in {ANSWER_OPEN}{ANSWER_CLOSE}.")
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         return msg + "\n"
     return tokenizer.apply_chat_template([{"role": "user", "content": msg}],
@@ -312,7 +317,7 @@ def _parse(expr: str) -> tuple[Fraction | None, list[int]] | None:
     if len(expr) > MAX_ANSWER_CHARS or not _ALLOWED_CHARS.fullmatch(expr):
         return None
     try:
-        tree = ast.parse(expr.strip(), mode="eval")
+        tree = ast.parse(" ".join(expr.split()), mode="eval")  # newlines/tabs read as spaces
         literals: list[int] = []
         return _walk(tree.body, 0, literals), literals
     except (SyntaxError, ValueError, RecursionError, MemoryError, _NotInGrammar):

@@ -1,0 +1,312 @@
+"""countdown.py: rewards against values computed by hand, fuzzing, the solver against an
+independent brute force, and the splits."""
+
+import itertools
+import random
+import re
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from countdown import (
+    ANSWER_CLOSE,
+    ANSWER_OPEN,
+    STEP_END,
+    Problem,
+    dense_reward,
+    evaluate_expression,
+    is_well_formatted,
+    load_jsonl,
+    make_prompt,
+    make_splits,
+    parse_answer,
+    save_jsonl,
+    solution_trace,
+    solve,
+    solve_steps,
+    sparse_reward,
+)
+
+P = Problem((4, 3, 13, 3), 24)  # (13-4)*3-3 = 24
+
+
+def ans(expr: str) -> str:
+    return f"{ANSWER_OPEN}{expr}{ANSWER_CLOSE}"
+
+
+# --- rewards on hand-written completions -------------------------------------------------------
+
+@pytest.mark.parametrize("text, dense, sparse", [
+    (ans("(13-4)*3-3"), 1.0, 1.0),
+    ("13-4=9</step>9*3=27</step>27-3=24</step>" + ans("(13-4)*3-3"), 1.0, 1.0),
+    (ans("((((13-4))*(3))-(3))"), 1.0, 1.0),                 # nested parentheses
+    (ans(" ( 13 - 4 ) *\n3\t- 3 ") + " \n", 1.0, 1.0),       # whitespace anywhere
+    (ans("13+4+3/3"), 0.5, 0.0),                             # 18: 1 - 2*6/24 = 0.5
+    (ans("13+4+3-3"), 1 - 14 / 24, 0.0),                     # 17: 1 - 2*7/24 = 10/24
+    (ans("13/4*3*3"), 0.5625, 0.0),                          # 117/4: 1 - 2*(21/4)/24 = 0.5625
+    (ans("13-4-3-3"), -0.75, 0.0),                           # 3: 1 - 2*21/24 = -0.75
+    (ans("13*4*3*3"), -1.0, 0.0),                            # 468: min(444/24, 1) = 1 -> -1
+    (ans("(13-4)*3-4"), -1.0, 0.0),                          # reused 4, missing a 3
+    (ans("(13-4)*3"), -1.0, 0.0),                            # missing a 3 (value 27)
+    (ans("(13-4)*3-3+0"), -1.0, 0.0),                        # extra number
+    (ans("(13-4)*3-3*1"), -1.0, 0.0),                        # extra number, value still 24
+    (ans("13*4/(3-3)"), -1.0, 0.0),                          # division by zero
+    (ans("-(4-13)*3-3"), -1.0, 0.0),                         # unary minus is not in the grammar
+    (ans("(13-4)*3-3") + ans("(13-4)*3-3"), -1.0, 0.0),      # two answer tags
+    ("(13-4)*3-3", -1.0, 0.0),                               # no tag
+    (ans("(13-4)*3-3") + " thanks", -1.0, 0.0),              # text after the answer
+    (ANSWER_OPEN + "(13-4)*3-3", -1.0, 0.0),                 # unclosed
+    (ANSWER_CLOSE + "(13-4)*3-3" + ANSWER_OPEN, -1.0, 0.0),  # tags in the wrong order
+    (ans("(13-4)*3.0-3"), -1.0, 0.0),                        # float literal
+    (ans("(13-4)**1*3-3"), -1.0, 0.0),                       # power
+    (ans("(13-4)//1*3-3"), -1.0, 0.0),                       # floor division
+    (ans("1_3-4*3-3"), -1.0, 0.0),                           # underscore literal
+    (ans("__import__('os')"), -1.0, 0.0),                    # code
+    (ans(""), -1.0, 0.0),
+    ("I think the answer is 24", -1.0, 0.0),                 # garbage
+    ("", -1.0, 0.0),
+])
+def test_rewards_by_hand(text, dense, sparse):
+    assert dense_reward(text, P) == pytest.approx(dense, abs=1e-12)
+    assert sparse_reward(text, P) == sparse
+
+
+def test_format_definition():
+    assert is_well_formatted(ans("(13-4)*3-3"))
+    assert is_well_formatted(ans("1+2"))             # wrong numbers, still well formatted
+    assert is_well_formatted(ans("13*4/(3-3)"))      # in the grammar, only its value is missing
+    assert not is_well_formatted(ans("1+"))
+    assert not is_well_formatted(ans("-1+2"))
+    assert not is_well_formatted(ans("1+2") + "x")
+    assert not is_well_formatted(ans("1+2") * 2)
+    assert parse_answer("9*3=27</step>" + ans(" 1 + 2 ") + "\n") == "1 + 2"
+    assert parse_answer(ans("1") + ans("1")) is None
+
+
+def test_exact_fractions():
+    assert evaluate_expression("1/3+1/6") == (Fraction(1, 2), [1, 3, 1, 6])
+    assert evaluate_expression("1/(2-2)") is None
+    assert evaluate_expression("2*(3+4)") == (Fraction(14), [2, 3, 4])
+    # 8/(3-8/3) is 23.999... in floats; exactly 24 here
+    assert sparse_reward(ans("8/(3-8/3)"), Problem((3, 3, 8, 8), 24)) == 1.0
+
+
+@pytest.mark.parametrize("text", [
+    ans("(" * 5000 + "1" + ")" * 5000),        # deep nesting
+    ans("(" * 99 + "1" + ")" * 99),            # just under the length bound
+    ans("+".join(["1"] * 1000)),               # very long expression
+    ans("9" * 150),                            # huge literal
+    ans("13" + "*13" * 60),                    # huge value
+    ans("1/" * 60 + "1"),                      # long division chain
+    "x" * 1_000_000 + ans("1+2"),              # very long completion
+    ans("\x00"), ans("١+٢"), ans("\u00a013"), ans("1+2\n\n3"),
+])
+def test_rewards_survive_hostile_input(text):
+    assert dense_reward(text, P) == -1.0
+    assert sparse_reward(text, P) == 0.0
+
+
+# --- fuzzing -------------------------------------------------------------------------------------
+
+_expr_chars = st.text(alphabet="0123456789+-*/() \n", max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=300), _expr_chars.map(ans),
+                 st.tuples(st.text(max_size=30), _expr_chars).map(lambda t: t[0] + ans(t[1]))))
+def test_rewards_never_raise(text):
+    d, s = dense_reward(text, P), sparse_reward(text, P)
+    assert -1.0 <= d <= 1.0 and s in (0.0, 1.0)
+    assert isinstance(is_well_formatted(text), bool)
+
+
+OPS = "+-*/"
+
+
+@st.composite
+def expression_trees(draw, nums):
+    """A random binary tree over a permutation of `nums`: ints at the leaves, (op, l, r) inside."""
+    items = list(draw(st.permutations(nums)))
+    while len(items) > 1:
+        i = draw(st.integers(0, len(items) - 2))
+        items[i:i + 2] = [(draw(st.sampled_from(OPS)), items[i], items[i + 1])]
+    return items[0]
+
+
+def tree_value(tree):
+    """Independent exact evaluation; None on division by zero."""
+    if isinstance(tree, int):
+        return Fraction(tree)
+    op, l, r = tree[0], tree_value(tree[1]), tree_value(tree[2])
+    if l is None or r is None or (op == "/" and r == 0):
+        return None
+    return {"+": l + r, "-": l - r, "*": l * r, "/": l / r if r else None}[op]
+
+
+def tree_text(tree):
+    return str(tree) if isinstance(tree, int) else f"({tree_text(tree[1])}{tree[0]}{tree_text(tree[2])})"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_random_trees_agree_with_independent_evaluation(data):
+    nums = tuple(data.draw(st.lists(st.integers(1, 13), min_size=4, max_size=4)))
+    problem = Problem(nums, data.draw(st.integers(1, 100)))
+    tree = data.draw(expression_trees(nums))
+    text = ans(tree_text(tree))
+    p = tree_value(tree)
+    assert sparse_reward(text, problem) == (1.0 if p == problem.target else 0.0)
+    t = problem.target
+    expected = -1.0 if p is None else float(1 - 2 * min(abs(t - p) / t, Fraction(1)))
+    assert dense_reward(text, problem) == expected
+    # the same tree over a different multiset can never score above -1
+    other = tree_text(data.draw(expression_trees(nums[:3] + (nums[3] % 13 + 1,))))
+    assert dense_reward(ans(other), problem) == -1.0
+    assert sparse_reward(ans(other), problem) == 0.0
+
+
+# --- solver --------------------------------------------------------------------------------------
+
+def brute_force_values(nums):
+    """All values reachable by repeatedly combining two numbers of the list (independent of the
+    multiset memo in countdown.py)."""
+    if len(nums) == 1:
+        return {nums[0]}
+    out = set()
+    for i, j in itertools.permutations(range(len(nums)), 2):
+        rest = [x for k, x in enumerate(nums) if k not in (i, j)]
+        a, b = nums[i], nums[j]
+        for v in {a + b, a - b, a * b} | ({a / b} if b else set()):
+            out |= brute_force_values(rest + [v])
+    return out
+
+
+_NUMBER = r"(\d+|\(-?\d+(?:/\d+)?\))"
+_STEP = re.compile(rf"{_NUMBER}([+\-*/]){_NUMBER}=(-?\d+(?:/\d+)?)")
+
+
+def check_steps(steps, nums, target):
+    """Each step is right and consumes two numbers of the current pool; the last leaves the target."""
+    pool = [Fraction(x) for x in nums]
+    for step in steps:
+        m = _STEP.fullmatch(step)
+        assert m, step
+        a, op, b, c = (Fraction(g.strip("()")) if i != 1 else g for i, g in enumerate(m.groups()))
+        assert {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op] == c, step
+        pool.remove(a)
+        pool.remove(b)
+        pool.append(c)
+    assert pool == [target]
+
+
+def test_solver_on_1000_random_problems():
+    rng = random.Random(1)
+    solved = 0
+    for _ in range(1000):
+        nums = tuple(rng.randint(1, 13) for _ in range(4))
+        target = rng.randint(1, 100)
+        expr = solve(nums, target)
+        if expr is None:
+            continue
+        solved += 1
+        problem = Problem(nums, target)
+        assert sparse_reward(ans(expr), problem) == 1.0, (problem, expr)
+        trace = solution_trace(problem)
+        assert sparse_reward(trace, problem) == 1.0, trace
+        steps = solve_steps(nums, target)
+        assert trace == "".join(s + STEP_END for s in steps) + ans(expr)
+        check_steps(steps, nums, target)
+    assert solved > 500
+
+
+def test_solver_matches_brute_force():
+    rng = random.Random(2)
+    for _ in range(25):
+        nums = [rng.randint(1, 13) for _ in range(4)]
+        reachable = brute_force_values([Fraction(x) for x in nums])
+        for target in range(1, 101):
+            assert (solve(nums, target) is not None) == (target in reachable), (nums, target)
+
+
+def test_solver_prefers_integer_steps():
+    assert solve_steps((4, 3, 13, 3), 24) == ["13-4=9", "9*3=27", "27-3=24"]
+    for nums, target in [((1, 2, 3, 4), 24), ((13, 12, 11, 10), 100), ((2, 3, 4, 6), 1)]:
+        steps = solve_steps(nums, target)
+        check_steps(steps, nums, target)
+        assert all(re.fullmatch(r"\d+[+\-*/]\d+=\d+", s) for s in steps), steps
+    # these need fractions: 8/(3-8/3), 5*(5-1/5), 7*(3+3/7)
+    for nums in [(3, 3, 8, 8), (5, 5, 5, 1), (7, 7, 3, 3)]:
+        steps = solve_steps(nums, 24)
+        check_steps(steps, nums, 24)
+        assert any("/" in s.split("=")[1] for s in steps), steps
+
+
+def test_unsolvable():
+    assert solve((1, 1, 1, 1), 100) is None
+    assert solve_steps((1, 1, 1, 1), 100) is None
+    with pytest.raises(ValueError, match="no solution"):
+        solution_trace(Problem((1, 1, 1, 1), 100))
+
+
+# --- prompt --------------------------------------------------------------------------------------
+
+class FakeTokenizer:
+    def __init__(self, chat_template):
+        self.chat_template = chat_template
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+        assert add_generation_prompt and not tokenize
+        return f"<user>{messages[0]['content']}</user><assistant>"
+
+
+def test_prompt():
+    msg = ("Use 4 3 13 3 to make 24 with + - * /, each once. "
+           "End steps with </step>, answer in <answer></answer>.")
+    assert make_prompt(P) == msg + "\n"
+    assert make_prompt(P, FakeTokenizer(None)) == msg + "\n"
+    assert make_prompt(P, FakeTokenizer("{{ messages }}")) == f"<user>{msg}</user><assistant>"
+    assert len(make_prompt(Problem((13, 13, 13, 13), 100))) <= 110
+
+
+# --- splits and files ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def splits():
+    return make_splits()
+
+
+def test_default_splits(splits):
+    train, test = splits
+    assert (len(train), len(test)) == (20000, 820)
+    keys = [(tuple(sorted(p.nums)), p.target) for p in train + test]
+    assert len(set(keys)) == len(keys)  # no duplicates within or across splits
+    for p in train + test:
+        assert len(p.nums) == 4 and all(1 <= x <= 13 for x in p.nums) and 1 <= p.target <= 100
+    for p in test:
+        assert sparse_reward(ans(solve(p.nums, p.target)), p) == 1.0
+    assert len({p.target for p in test}) > 80  # targets spread over the range
+
+
+def test_splits_deterministic(splits):
+    assert make_splits(0) == splits
+    assert make_splits(1, n_train=200, n_test=50) == make_splits(1, n_train=200, n_test=50)
+    assert make_splits(1, n_train=200, n_test=50) != make_splits(2, n_train=200, n_test=50)
+
+
+def test_jsonl_round_trip(tmp_path, splits):
+    path = tmp_path / "test.jsonl"
+    save_jsonl(splits[1], path)
+    assert load_jsonl(path) == splits[1]
+    assert path.read_text().splitlines()[0].startswith('{"nums": [')
+
+
+@pytest.mark.parametrize("bad", ["not json", '{"nums": [1, 2]}', '{"nums": [1, 2], "target": 2.5}',
+                                 '{"nums": [true, 2], "target": 3}', '{"nums": [], "target": 3}',
+                                 '[1, 2, 3]', '{"nums": "1 2", "target": 3}'])
+def test_jsonl_malformed_line(tmp_path, bad):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"nums": [1, 2], "target": 3}\n\n' + bad + "\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:3: "):
+        load_jsonl(path)
