@@ -1,0 +1,328 @@
+"""Parallel MCTS over reasoning steps (blog: "Monte Carlo Tree Search", "Trajectory Selection").
+
+Each node is one reasoning step (tokens up to `</step>`, as in Tree-of-Thoughts). Expanding a
+leaf samples K continuations from the policy; pUCT with priors from the softmax of the summed
+step logprobs decides where to search; 16 workers share one tree and spread out with virtual
+loss; after M iterations a greedy pass picks the trajectory that is distilled into the policy.
+
+Interpretation choices (the README repeats them):
+- Backup is AlphaZero's: a selected leaf is expanded (K children with priors) and the value of
+  the leaf itself, V(s_leaf) from the value head, or its dense reward if terminal, is backed up
+  with N += 1 along the path. Children get their V(s) in the same sampler call and it enters the
+  statistics the first time the child is selected (unvisited children count with Q = 0, as in
+  the author's code). The root's value is never compared, so it backs up 0.
+- Virtual loss is "value added to visit counts" (blog table, author's code): a selecting worker
+  adds 1 to N of every node on its path, Q = W / (N + VL), removed on backup. Q is pulled
+  towards 0, so it repels from positive-valued branches only; the exploration term always drops.
+- Workers are batched rounds: each round every tree's workers select in turn, then all pending
+  leaves of all trees are expanded in ONE sampler call. A worker landing on a leaf already
+  pending this round is a collision: it holds its virtual loss until the round's backup (as an
+  async worker waiting on that expansion would), then drops it without a backup.
+  M counts selections per tree, all workers together: ceil(M / workers) rounds.
+- Identical sibling steps (same tokens) are merged into one child whose prior is the sum of
+  their softmax shares: same prior mass as keeping both, without splitting the search between
+  identical subtrees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import countdown
+from countdown import ANSWER_CLOSE, STEP_END
+
+SELECT_MODES = ("visits", "q", "best_reward")
+TERMINAL_VALUES = ("reward", "value_head")
+
+
+@dataclass
+class MCTSConfig:
+    """Search knobs; defaults are the blog's table of values (workers, K, M, cpuct, virtual loss)."""
+
+    workers: int = 16  # parallel agents sharing one tree (blog: "MCTS Workers (N agents)")
+    iterations: int = 100  # M: selections per tree, all workers together (ceil(M/workers) rounds)
+    k: int = 4  # completions sampled per expanded leaf (blog: "Completions per Node (K)")
+    c_puct: float = 0.5  # pUCT exploration coefficient (blog: "cpuct")
+    virtual_loss: int = 1  # added to N along a selected path until backup (blog: "Virtual Loss")
+    temperature: float = 1.0  # sampling temperature; 1.0 samples the raw policy whose logprobs
+    #                           we record (author's code: 0.8)
+    max_step_tokens: int = 64  # cap on one step; a step cut there is terminal (author's code: 64)
+    max_total_tokens: int = 256  # cap on a whole completion; a step reaching it is terminal
+    select: str = "visits"  # trajectory: "visits" (most visited), "q" (highest Q), or
+    #                         "best_reward" (best terminal reward in the tree: ground truth, training only)
+    terminal_value: str = "reward"  # terminal evaluation: "reward" (dense reward, needs the target)
+    #                                 or "value_head" (V(s) at the end: test-time search, no target)
+
+
+@dataclass(eq=False)
+class Node:
+    """One reasoning step; the state is the prompt plus the steps from the root to here."""
+
+    tokens: list[int] = field(default_factory=list)  # this step's tokens (empty at the root)
+    logprobs: list[float] = field(default_factory=list)  # raw-policy log pi of those tokens
+    text: str = ""  # decoded step
+    prior: float = 1.0  # P(s, a): softmax of summed logprobs over the siblings
+    parent: Node | None = field(default=None, repr=False)
+    children: list[Node] = field(default_factory=list, repr=False)
+    N: int = 0  # visit count
+    W: float = 0.0  # sum of backed-up values
+    vloss: int = 0  # virtual loss of the workers whose selection is in flight through here
+    terminal: bool = False  # answer closed, EOS, or a length cap
+    finish_reason: str = ""  # the sampler's: "step", "answer", "eos" or "length"
+    reward: float | None = None  # dense reward of the completion ending here (terminal nodes)
+    value: float | None = None  # V(s) from the value head at the end of this step
+    length: int = 0  # completion tokens from the root to the end of this step
+    depth: int = 0  # steps from the root
+
+    @property
+    def q(self) -> float:
+        """Mean value with virtual loss counted as visits; 0 for an unvisited node."""
+        n = self.N + self.vloss
+        return self.W / n if n else 0.0
+
+    def path(self) -> list[Node]:
+        """Nodes from the root to this one."""
+        nodes = [self]
+        while nodes[-1].parent is not None:
+            nodes.append(nodes[-1].parent)
+        return nodes[::-1]
+
+
+@dataclass
+class SearchResult:
+    """The selected trajectory (what the trainer needs) and the search that found it."""
+
+    prompt_ids: list[int]
+    tokens: list[int]  # completion: the steps on the selected path, then the rollout if any
+    logprobs: list[float]  # per-token log pi_old under the raw sampling policy
+    text: str
+    reward: float  # dense reward of `text` (computed after the search, for training/logging)
+    step_values: list[tuple[int, float]]  # (index in `tokens` of a step's last token, V there)
+    stats: dict
+    root: Node = field(repr=False)
+
+
+def puct_score(q: float, prior: float, parent_visits: float, child_visits: float,
+               c_puct: float) -> float:
+    """pUCT (AlphaZero), not UCT: the policy's prior steers exploration, which the blog credits."""
+    return q + c_puct * prior * math.sqrt(parent_visits) / (1 + child_visits)
+
+
+def select_leaf(root: Node, cfg: MCTSConfig) -> list[Node]:
+    """Descend by pUCT to a leaf, adding virtual loss along the path so parallel workers diverge."""
+    node = root
+    node.vloss += cfg.virtual_loss
+    path = [node]
+    while node.children:
+        parent_visits = node.N + node.vloss
+        node = max(node.children, key=lambda c: puct_score(
+            c.q, c.prior, parent_visits, c.N + c.vloss, cfg.c_puct))
+        node.vloss += cfg.virtual_loss
+        path.append(node)
+    return path
+
+
+def expand(leaf: Node, completions: list, problem: countdown.Problem, cfg: MCTSConfig) -> None:
+    """The K sampled steps become the leaf's children (its action space); priors = softmax of
+    summed logprobs ("raw cumulative sequence probabilities become vanishingly tiny")."""
+    sums = [sum(c.logprobs) for c in completions]
+    top = max(sums)
+    weights = [math.exp(s - top) for s in sums]
+    total = sum(weights)
+    prefix = "".join(n.text for n in leaf.path())
+    children: dict[tuple[int, ...], Node] = {}
+    for c, w in zip(completions, weights):
+        key = tuple(c.tokens)
+        if key in children:  # identical sibling: merge, summing the prior mass
+            children[key].prior += w / total
+            continue
+        length = leaf.length + len(c.tokens)
+        terminal = c.finish_reason != "step" or length >= cfg.max_total_tokens
+        if not terminal and c.value is None:
+            raise ValueError("expand needs Completion.value (sampler.generate(want_values=True))")
+        children[key] = Node(
+            tokens=list(c.tokens), logprobs=list(c.logprobs), text=c.text, prior=w / total,
+            parent=leaf, terminal=terminal, finish_reason=c.finish_reason, value=c.value,
+            reward=countdown.dense_reward(prefix + c.text, problem) if terminal else None,
+            length=length, depth=leaf.depth + 1)
+    leaf.children = sorted(children.values(), key=lambda n: -n.prior)  # ties keep sample order
+
+
+def evaluate(node: Node, cfg: MCTSConfig) -> float:
+    """Terminal: the dense reward (or, at test time, the value head); otherwise V(s) in (-1, 1)."""
+    if node.terminal and (cfg.terminal_value == "reward" or node.value is None):
+        # value is None only for a step cut by the total length cap: no closed answer, so its
+        # reward is the format penalty -1 whatever the target (no ground truth used).
+        return node.reward
+    return node.value
+
+
+def backup(path: list[Node], value: float, virtual_loss: int) -> None:
+    """N += 1 and W += value from the root to the evaluated leaf; the worker's virtual loss goes."""
+    for node in path:
+        node.N += 1
+        node.W += value
+        node.vloss -= virtual_loss
+
+
+def _drop_virtual_loss(path: list[Node], virtual_loss: int) -> None:
+    for node in path:
+        node.vloss -= virtual_loss
+
+
+def _nodes(root: Node) -> list[Node]:
+    stack, out = [root], []
+    while stack:
+        node = stack.pop()
+        out.append(node)
+        stack.extend(node.children)
+    return out
+
+
+def greedy_select(root: Node, mode: str = "visits") -> list[Node]:
+    """Blog's greedy selection after search: from the root, take the most-visited child (ties ->
+    higher Q) until a terminal node or a node whose children were never visited."""
+    if mode == "best_reward":
+        terminals = [n for n in _nodes(root) if n.terminal]
+        if terminals:
+            return max(terminals, key=lambda n: (n.reward, n.N)).path()
+    key = (lambda c: (c.N, c.q)) if mode != "q" else (lambda c: (c.q, c.N))
+    node = root
+    while visited := [c for c in node.children if c.N > 0]:
+        node = max(visited, key=key)
+    return node.path()
+
+
+def search_tree_to_dict(root: Node) -> dict:
+    """JSON-able tree (text, prior, N, Q, terminal, reward, value, children) for tree pictures."""
+    return {"text": root.text, "prior": root.prior, "N": root.N, "Q": root.q,
+            "terminal": root.terminal, "reward": root.reward, "value": root.value,
+            "children": [search_tree_to_dict(c) for c in root.children]}
+
+
+def _fit(completion, budget: int, tokenizer):
+    """Cut a sample to the tokens left under max_total_tokens (the batch shares max_new_tokens)."""
+    if len(completion.tokens) <= budget:
+        return completion
+    tokens = completion.tokens[:budget]
+    return dataclasses.replace(
+        completion, tokens=tokens, logprobs=completion.logprobs[:budget], finish_reason="length",
+        text=tokenizer.decode(tokens, skip_special_tokens=True), value=None)
+
+
+def _check(cfg: MCTSConfig) -> None:
+    if cfg.select not in SELECT_MODES:
+        raise ValueError(f"MCTSConfig.select must be one of {SELECT_MODES}, got {cfg.select!r}")
+    if cfg.terminal_value not in TERMINAL_VALUES:
+        raise ValueError(f"MCTSConfig.terminal_value must be one of {TERMINAL_VALUES}, "
+                         f"got {cfg.terminal_value!r}")
+    for name in ("workers", "iterations", "k", "max_step_tokens", "max_total_tokens"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"MCTSConfig.{name} must be >= 1, got {getattr(cfg, name)}")
+
+
+def search(problems: list[countdown.Problem], sampler, cfg: MCTSConfig | None = None
+           ) -> list[SearchResult]:
+    """Parallel MCTS on one tree per problem, all trees expanded in the same batched sampler calls.
+
+    As a test-time search harness (no ground truth): cfg.select "visits" or "q" with
+    cfg.terminal_value "value_head"; only SearchResult.reward then looks at the target.
+    """
+    cfg = cfg or MCTSConfig()
+    _check(cfg)
+    tok = sampler.tokenizer
+    prompts = [tok(countdown.make_prompt(p, tok), add_special_tokens=False)["input_ids"]
+               for p in problems]
+    roots = [Node(value=0.0) for _ in problems]  # the root's Q is never compared: it backs up 0
+    counters = ("nodes", "expansions", "collisions", "terminal_backups", "tokens_generated",
+                "forward_tokens", "forward_tokens_reencode")
+    stats = [dict.fromkeys(counters, 0) for _ in problems]
+    calls = 0
+    forward_before = getattr(sampler, "forward_tokens", 0)
+
+    def generate(jobs: list[tuple[int, Node]], max_new_tokens: int, **kw) -> list[list]:
+        """One sampler call for the (tree, node) jobs of all trees. Forward tokens are counted
+        with each context encoded once and fanned out (the sampler) and re-encoded per sample."""
+        nonlocal calls
+        calls += 1
+        contexts = [prompts[t] + _path_tokens(node) for t, node in jobs]
+        outs = sampler.generate(contexts, max_new_tokens=max_new_tokens,
+                                temperature=cfg.temperature, top_p=1.0, **kw)
+        for (t, _), ctx, samples in zip(jobs, contexts, outs):
+            generated = sum(len(c.tokens) for c in samples)
+            stats[t]["tokens_generated"] += generated
+            stats[t]["forward_tokens"] += len(ctx) + generated
+            stats[t]["forward_tokens_reencode"] += len(samples) * len(ctx) + generated
+        return [[_fit(c, cfg.max_total_tokens - node.length, tok) for c in samples]
+                for (_, node), samples in zip(jobs, outs)]
+
+    for start in range(0, cfg.iterations, cfg.workers):
+        pending: list[tuple[int, list[Node]]] = []  # (tree, path) to expand this round
+        waiting: list[list[Node]] = []  # collided paths holding virtual loss until the backup
+        for t, root in enumerate(roots):
+            in_round: set[int] = set()
+            for _ in range(min(cfg.workers, cfg.iterations - start)):
+                path = select_leaf(root, cfg)
+                leaf = path[-1]
+                if leaf.terminal:  # nothing to expand: back up its evaluation at once
+                    backup(path, evaluate(leaf, cfg), cfg.virtual_loss)
+                    stats[t]["terminal_backups"] += 1
+                elif id(leaf) in in_round:
+                    waiting.append(path)
+                    stats[t]["collisions"] += 1
+                else:
+                    in_round.add(id(leaf))
+                    pending.append((t, path))
+        if pending:
+            jobs = [(t, path[-1]) for t, path in pending]
+            budget = max(cfg.max_total_tokens - leaf.length for _, leaf in jobs)
+            outs = generate(jobs, min(cfg.max_step_tokens, budget), n=cfg.k,
+                            stop=(STEP_END, ANSWER_CLOSE), want_values=True)
+            for (t, path), completions in zip(pending, outs):
+                expand(path[-1], completions, problems[t], cfg)
+                backup(path, evaluate(path[-1], cfg), cfg.virtual_loss)
+                stats[t]["expansions"] += 1
+                stats[t]["nodes"] += len(path[-1].children)
+        for path in waiting:
+            _drop_virtual_loss(path, cfg.virtual_loss)
+
+    paths = [greedy_select(root, cfg.select) for root in roots]
+    # A path that stops at a non-terminal node is finished by one policy rollout to the answer.
+    jobs = [(t, path[-1]) for t, path in enumerate(paths) if not path[-1].terminal]
+    rollouts = {}
+    if jobs:
+        budget = max(cfg.max_total_tokens - node.length for _, node in jobs)
+        outs = generate(jobs, budget, n=1, stop=(ANSWER_CLOSE,), want_values=False)
+        rollouts = {t: samples[0] for (t, _), samples in zip(jobs, outs)}
+
+    forward_all = getattr(sampler, "forward_tokens", 0) - forward_before
+    results = []
+    for t, (problem, path) in enumerate(zip(problems, paths)):
+        steps = path[1:]
+        tokens = [x for n in steps for x in n.tokens]
+        logprobs = [x for n in steps for x in n.logprobs]
+        text = "".join(n.text for n in steps)
+        step_values = [(n.length - 1, n.value) for n in steps if n.value is not None]
+        rollout = rollouts.get(t)
+        if rollout is not None:
+            tokens += rollout.tokens
+            logprobs += rollout.logprobs
+            text += rollout.text
+        s = stats[t]
+        s.update(depth=len(steps), max_depth=max(n.depth for n in _nodes(roots[t])),
+                 rollout_tokens=len(rollout.tokens) if rollout is not None else 0,
+                 root_visits=roots[t].N, selections=cfg.iterations,
+                 prefix_reuse_saved=1 - s["forward_tokens"] / max(s["forward_tokens_reencode"], 1),
+                 sampler_calls=calls,  # shared by all trees of this search
+                 sampler_forward_tokens=forward_all)  # the sampler's own count, all trees
+        results.append(SearchResult(
+            prompt_ids=list(prompts[t]), tokens=tokens, logprobs=logprobs, text=text,
+            reward=countdown.dense_reward(text, problem), step_values=step_values, stats=s,
+            root=roots[t]))
+    return results
+
+
+def _path_tokens(node: Node) -> list[int]:
+    return [x for n in node.path() for x in n.tokens]
