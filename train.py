@@ -1,0 +1,729 @@
+"""Online distillation of tree search into the policy: the blog's "Training", "Infrastructure" and
+"Baselines" sections on torch.multiprocessing instead of Rust + gRPC + Redis.
+
+Process layout (spawn context):
+  main        builds the model and data, owns the shared weights buffer, spawns the children,
+              writes metrics.jsonl / events.jsonl, shows progress and stops everything on failure.
+  generators  pull prompts (a fixed, per-generator slice of a seeded order of the train set),
+              produce trajectories (mcts: tree search + greedy selection; cispo: groups of
+              samples with group-relative advantages; bon: best of N by dense reward) and put
+              them on a queue of shared-memory tensors (the blog's Redis stream). Between work
+              items they load newer weights from the shared buffer (the blog's pub/sub).
+  trainers    DDP (gloo on CPU, nccl on GPU): pull batch_size / n_trainers trajectories, one
+              forward for log-probs and V(s_t), one AdamW step on L_total; every sync_every
+              steps rank 0 publishes weights, evaluates mean@16 and writes checkpoints.
+"""
+
+import copy
+import json
+import math
+import os
+import queue
+import shutil
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, replace
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import tyro
+from tqdm import tqdm
+
+import countdown
+import eval as evaluation
+import losses
+from value_head import PolicyWithValue, load_policy
+
+
+@dataclass
+class Args:
+    """Defaults are the embedded CPU run (tiny model, 2 cores); `--preset blog` is the blog's table."""
+
+    method: Literal["mcts", "cispo", "bon"] = "mcts"
+    """how generators pick training trajectories: tree search, CISPO groups, or best-of-N"""
+    preset: Literal["none", "blog"] = "none"
+    """'blog' starts from the blog's table of values (flags given next to it still win)"""
+    model: str = "tiny"
+    """'tiny' (the embedded char-level Qwen2), a local checkpoint dir, or a HF hub id"""
+    backend: Literal["torch", "vllm"] = "torch"
+    """generator sampling engine (vllm is the GPU path)"""
+    n_generators: int = 1
+    """number of generator processes (blog: Ng = 6)"""
+    n_trainers: int = 1
+    """number of DDP trainer processes (blog: Nt = 2)"""
+    batch_size: int = 8
+    """trajectories per optimizer step for mcts/bon (blog: 32), split over the trainers"""
+    cispo_groups: int = 2
+    """prompts per optimizer step for cispo; the step holds cispo_groups x group_size trajectories (blog: 128)"""
+    group_size: int = 16
+    """CISPO group size: samples per prompt sharing a group-relative advantage (blog: 16)"""
+    normalize_std: bool = False
+    """divide CISPO group advantages by the group std (GRPO) instead of mean-centring only (Dr. GRPO)"""
+    bon_n: int = 64
+    """best-of-N: samples per prompt, the best by dense reward is trained on (blog: N = 64)"""
+    prompts_per_call: int = 2
+    """prompts a generator handles per batched call (MCTS trees searched together, CISPO groups, BoN prompts)"""
+    mcts_workers: int = 16
+    """parallel MCTS agents sharing one tree with virtual loss (blog: 16)"""
+    mcts_iterations: int = 16
+    """MCTS iterations per tree, M (blog: 100)"""
+    mcts_k: int = 4
+    """completions per expanded leaf, K (blog: 4)"""
+    c_puct: float = 0.5
+    """pUCT exploration coefficient (blog: 0.5)"""
+    mcts_select: Literal["visits", "q", "best_reward"] = "visits"
+    """greedy selection after search: most-visited child (blog), highest Q, or best terminal reward"""
+    temperature: float = 1.0
+    """sampling temperature of the generators (log-probs are always those of the raw policy)"""
+    max_new_tokens: int = 96
+    """token cap of a whole completion (CISPO/BoN samples, eval)"""
+    max_step_tokens: int = 32
+    """token cap of one reasoning step (one MCTS expansion, up to </step>)"""
+    sync_every: int = 8
+    """publish trainer weights to the generators every this many optimizer steps (blog: 8)"""
+    loss: Literal["cispo", "ppo"] = "cispo"
+    """policy loss: CISPO (blog) or PPO clipped surrogate"""
+    eps_high: float = 5.0
+    """CISPO epsilon_high: cap of the detached importance weight (blog: 5.0)"""
+    cispo_bound: Literal["blog", "minimax"] = "blog"
+    """CISPO cap reading: min(ratio, eps_high) (blog) or min(ratio, 1 + eps_high) (MiniMax-M1)"""
+    c_ppo: float = 1.0
+    """policy loss weight c_ppo (blog: 1.0)"""
+    c_value: float = 1.0
+    """value loss weight c_value (blog: 1.0)"""
+    c_kl: float = 0.05
+    """k3 KL(pi_theta || pi_ref) weight c_KL (blog: 0.05)"""
+    lr: float = 1e-4
+    """AdamW learning rate (blog author's code: 5e-6 for the 1.5B model)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient norm clipping (blog author's code: 0.1)"""
+    steps: int = 60
+    """optimizer steps to train for"""
+    eval_every: int = 30
+    """evaluate mean@n every this many steps (also before the first and after the last step); 0: only those two"""
+    eval_problems: int = 100
+    """size of the fixed eval subset (the first problems of the test split; blog: all 820)"""
+    eval_n: int = 16
+    """samples per eval problem: mean@16 (blog)"""
+    eval_temperature: float = 1.0
+    """sampling temperature for eval"""
+    checkpoint_every: int = 50
+    """write a checkpoint every this many steps (and at the end)"""
+    out: str = ""
+    """run directory (default runs/<method>-seed<seed>)"""
+    resume: str = ""
+    """run directory to continue from its latest checkpoint (pass the same flags as the original run)"""
+    seed: int = 0
+    """seed of the data order, sampling and the trainers"""
+    torch_threads: int = 1
+    """torch threads per process (2-core box: 1 each)"""
+    checksums: bool = False
+    """hash the weights at every publish and every generator sync (events.jsonl; for tests, costs a pass over the weights)"""
+    debug_fail_at: int = -1
+    """debug: generator 0 raises after this many work items (tests of failure handling); -1 off"""
+    dry_run: bool = False
+    """print the resolved config and exit without starting anything"""
+
+
+# The blog's table of values (lr and grad clip from the author's code, as the table has none).
+BLOG_PRESET = {
+    "model": "Qwen/Qwen2.5-1.5B-Instruct", "backend": "vllm", "n_generators": 6, "n_trainers": 2,
+    "batch_size": 32, "cispo_groups": 128, "group_size": 16, "bon_n": 64, "mcts_workers": 16,
+    "mcts_iterations": 100, "mcts_k": 4, "c_puct": 0.5, "sync_every": 8, "eps_high": 5.0,
+    "c_ppo": 1.0, "c_value": 1.0, "c_kl": 0.05, "lr": 5e-6, "max_grad_norm": 0.1,
+    "max_new_tokens": 512, "max_step_tokens": 64, "temperature": 0.8, "prompts_per_call": 4,
+    "steps": 2048, "eval_every": 64, "eval_problems": 820, "eval_n": 16, "checkpoint_every": 64,
+}
+PRESETS = {"none": {}, "blog": BLOG_PRESET}
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """tyro CLI whose defaults are the chosen preset, so explicit flags override the preset."""
+    argv = sys.argv[1:] if argv is None else argv
+    preset = "none"
+    for i, a in enumerate(argv):
+        if a.startswith("--preset="):
+            preset = a.split("=", 1)[1]
+        elif a == "--preset" and i + 1 < len(argv):
+            preset = argv[i + 1]
+    if preset not in PRESETS:
+        raise SystemExit(f"train.py: error: unknown preset {preset!r} (choose from {sorted(PRESETS)})")
+    return tyro.cli(Args, args=argv, default=replace(Args(), preset=preset, **PRESETS[preset]))
+
+
+def traj_per_step(args: Args) -> int:
+    """Global batch in trajectories: B for MCTS/BoN, groups x group size for CISPO (blog: 128 x 16)."""
+    return args.cispo_groups * args.group_size if args.method == "cispo" else args.batch_size
+
+
+def check_args(args: Args) -> None:
+    """Fail fast with one clear line on invalid combinations."""
+    def fail(msg: str):
+        raise SystemExit(f"train.py: error: {msg}")
+    for name in ("n_generators", "n_trainers", "batch_size", "cispo_groups", "group_size", "bon_n",
+                 "prompts_per_call", "mcts_workers", "mcts_iterations", "mcts_k", "max_new_tokens",
+                 "max_step_tokens", "sync_every", "steps", "eval_problems", "eval_n",
+                 "checkpoint_every", "torch_threads"):
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.eval_every < 0:
+        fail(f"--eval-every must be >= 0, got {args.eval_every}")
+    if args.method == "cispo" and args.group_size < 2:
+        fail("--method cispo needs --group-size >= 2 (advantages are relative to the group)")
+    if traj_per_step(args) % args.n_trainers:
+        what = ("cispo_groups x group_size" if args.method == "cispo" else "batch_size")
+        fail(f"{what} = {traj_per_step(args)} is not divisible by --n-trainers {args.n_trainers}")
+    if args.eval_problems > 820:
+        fail(f"--eval-problems {args.eval_problems} exceeds the 820 test problems")
+    if args.dry_run:
+        return
+    if args.preset == "blog" and not torch.cuda.is_available():
+        fail("--preset blog needs GPUs (the blog used 8 x H100); on a CPU box use it with --dry-run")
+    if args.backend == "vllm" and find_spec("vllm") is None:
+        fail("--backend vllm needs the vllm package (pip install -r requirements-vllm.txt)")
+
+
+def device_for(index: int) -> torch.device:
+    """Generators take the first GPUs, trainers the next ones (wrapping around); CPU otherwise."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", index % torch.cuda.device_count())
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared state: the weights buffer (blog: Redis pub/sub) and the trajectory queue (Redis stream)
+
+
+@dataclass
+class Shared:
+    weights: dict            # PolicyWithValue state dict in shared-memory CPU tensors
+    version: object          # mp.Value: optimizer step whose weights are in `weights`
+    lock: object             # guards `weights` during publish / load
+    traj_q: object           # generator -> trainer trajectories (dicts of shared-memory tensors)
+    log_q: object            # children -> main: metric rows and events
+    err_q: object            # children -> main: (process name, traceback text)
+    stop: object             # mp.Event: main asks the children to finish
+    data_pos: object         # mp.Array: next work item of each generator (checkpointed)
+    gen_tokens: object       # mp.Array: tokens sampled by each generator so far
+    gen_busy: object         # mp.Array: seconds each generator spent producing trajectories
+    gen_wait: object         # mp.Array: seconds each generator spent blocked on a full queue
+    gen_sync: object         # mp.Array: seconds each generator spent loading weights
+
+
+def share_weights(policy: PolicyWithValue) -> dict[str, torch.Tensor]:
+    """A CPU shared-memory copy of the state dict; tied tensors (embeddings/lm_head) stay one tensor."""
+    by_ptr, shared = {}, {}
+    for k, v in policy.state_dict().items():
+        if v.data_ptr() not in by_ptr:
+            by_ptr[v.data_ptr()] = v.detach().to("cpu", copy=True).share_memory_()
+        shared[k] = by_ptr[v.data_ptr()]
+    return shared
+
+
+def weights_checksum(state_dict: dict[str, torch.Tensor]) -> str:
+    """Order-independent exact fingerprint of a state dict, to check that a sync delivered the
+    trainer's weights bit for bit."""
+    import hashlib
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(state_dict):
+        h.update(k.encode())
+        h.update(state_dict[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def publish_weights(sh: Shared, policy: PolicyWithValue, version: int) -> None:
+    """Rank 0 -> shared buffer, then bump the version the generators poll."""
+    with sh.lock:
+        for k, v in policy.state_dict().items():
+            sh.weights[k].copy_(v.detach())
+        sh.version.value = version
+
+
+def _put(q, item, stop) -> float:
+    """Blocking put that gives up when asked to stop; returns the seconds spent waiting."""
+    t0 = time.perf_counter()
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.5)
+            break
+        except queue.Full:
+            pass
+    return time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------------------------------------
+# Generators: trajectories by method
+
+
+def trajectory(prompt_ids, tokens, logprobs, reward: float, advantage: float, version: int) -> dict:
+    """One training item (SPEC.md): advantage NaN means "use r - sg(V(s_t))" in the trainer."""
+    return {
+        "prompt_ids": torch.tensor(prompt_ids, dtype=torch.int64),
+        "tokens": torch.tensor(tokens, dtype=torch.int64),
+        "old_logprobs": torch.tensor(logprobs, dtype=torch.float32),
+        "reward": torch.tensor(reward, dtype=torch.float32),
+        "advantage": torch.tensor(advantage, dtype=torch.float32),
+        "version": torch.tensor(version, dtype=torch.int64),
+    }
+
+
+def mcts_trajectories(problems, sampler, args: Args, version: int) -> list[dict]:
+    """Blog's method: parallel MCTS over reasoning steps, then greedy selection of one trajectory."""
+    import mcts
+    cfg = mcts.MCTSConfig(workers=args.mcts_workers, iterations=args.mcts_iterations, k=args.mcts_k,
+                          c_puct=args.c_puct, temperature=args.temperature,
+                          max_step_tokens=args.max_step_tokens, max_total_tokens=args.max_new_tokens,
+                          select=args.mcts_select)
+    return [trajectory(r.prompt_ids, r.tokens, r.logprobs, r.reward, math.nan, version)
+            for r in mcts.search(problems, sampler, cfg)]
+
+
+def cispo_trajectories(problems, sampler, args: Args, version: int) -> list[dict]:
+    """CISPO baseline: group_size samples per prompt, advantage = reward - group mean."""
+    prompts = [evaluation.prompt_ids(p, sampler.tokenizer) for p in problems]
+    outs = sampler.generate(prompts, n=args.group_size, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, stop=(countdown.ANSWER_CLOSE,))
+    rewards = torch.tensor([[countdown.dense_reward(c.text, p) for c in group]
+                            for p, group in zip(problems, outs, strict=True)])
+    adv = losses.group_advantages(rewards, normalize_std=args.normalize_std)
+    return [trajectory(ids, c.tokens, c.logprobs, rewards[i, j].item(), adv[i, j].item(), version)
+            for i, (ids, group) in enumerate(zip(prompts, outs)) for j, c in enumerate(group)]
+
+
+def bon_trajectories(problems, sampler, args: Args, version: int) -> list[dict]:
+    """Best-of-N baseline: the tree search replaced by the best of N samples by dense reward."""
+    prompts = [evaluation.prompt_ids(p, sampler.tokenizer) for p in problems]
+    outs = sampler.generate(prompts, n=args.bon_n, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, stop=(countdown.ANSWER_CLOSE,))
+    trajs = []
+    for p, ids, group in zip(problems, prompts, outs, strict=True):
+        rewards = [countdown.dense_reward(c.text, p) for c in group]
+        best = max(range(len(group)), key=rewards.__getitem__)
+        trajs.append(trajectory(ids, group[best].tokens, group[best].logprobs, rewards[best],
+                                math.nan, version))
+    return trajs
+
+
+PRODUCERS = {"mcts": mcts_trajectories, "cispo": cispo_trajectories, "bon": bon_trajectories}
+
+
+def work_item(train: list, order: torch.Tensor, args: Args, g: int, pos: int) -> list:
+    """Deterministic data position: generator g's pos-th call takes global chunk pos * Ng + g."""
+    chunk = pos * args.n_generators + g
+    idx = [(chunk * args.prompts_per_call + j) % len(train) for j in range(args.prompts_per_call)]
+    return [train[order[i]] for i in idx]
+
+
+def generator(args: Args, sh: Shared, g: int) -> None:
+    """Generator loop: sync weights if newer, produce trajectories, queue them."""
+    import sampler as sampler_lib
+    device = device_for(g)
+    policy, tokenizer = load_policy(args.model)
+    policy.to(device)
+    pos = sh.data_pos[g]
+    smp = sampler_lib.make_sampler(args.backend, policy, tokenizer, seed=args.seed * 1000 + g + 7919 * pos)
+    tokens_before = sh.gen_tokens[g]
+    train, _ = countdown.make_splits()
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    version = -1
+    while not sh.stop.is_set():
+        if sh.version.value != version:  # blog: generators pick up weights published by trainers
+            t0 = time.perf_counter()
+            with sh.lock:
+                version = sh.version.value
+                smp.load_weights(sh.weights)
+            dt = time.perf_counter() - t0
+            sh.gen_sync[g] += dt
+            event = {"event": "sync", "generator": g, "version": version, "seconds": round(dt, 4)}
+            if args.checksums:
+                event["checksum"] = weights_checksum(policy.state_dict())
+            sh.log_q.put(event)
+        if pos == args.debug_fail_at and g == 0:
+            raise RuntimeError(f"debug_fail_at: generator {g} fails at work item {pos} on purpose")
+        t0 = time.perf_counter()
+        trajs = PRODUCERS[args.method](work_item(train, order, args, g, pos), smp, args, version)
+        pos += 1
+        sh.data_pos[g] = pos
+        sh.gen_tokens[g] = tokens_before + smp.tokens_generated
+        sh.gen_busy[g] += time.perf_counter() - t0
+        for t in trajs:
+            sh.gen_wait[g] += _put(sh.traj_q, t, sh.stop)
+
+
+# ------------------------------------------------------------------------------------------------
+# Trainers: one shared training step for the three methods
+
+
+def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad prompt+completion; the loss mask covers the completion tokens, shifted by one so
+    position t holds the distribution over token t+1 (and V(s_t) of the state before it)."""
+    lens = [len(b["prompt_ids"]) + len(b["tokens"]) for b in batch]
+    B, L = len(batch), max(lens)
+    ids = torch.full((B, L), pad_id, dtype=torch.int64)
+    attn = torch.zeros(B, L, dtype=torch.int64)
+    mask = torch.zeros(B, L - 1)
+    old = torch.zeros(B, L - 1)
+    for i, b in enumerate(batch):
+        P, T = len(b["prompt_ids"]), len(b["tokens"])
+        ids[i, :P + T] = torch.cat([b["prompt_ids"], b["tokens"]])
+        attn[i, :P + T] = 1
+        mask[i, P - 1:P - 1 + T] = 1.0
+        old[i, P - 1:P - 1 + T] = b["old_logprobs"]
+    return {"input_ids": ids, "attention_mask": attn, "mask": mask, "old_logprobs": old,
+            "rewards": torch.stack([b["reward"] for b in batch]),
+            "advantages": torch.stack([b["advantage"] for b in batch]),
+            "versions": torch.stack([b["version"] for b in batch])}
+
+
+def train_step(model, ref: PolicyWithValue | None, opt, batch: dict, args: Args) -> dict:
+    """One forward for log pi and V(s_t), the blog's L_total, one AdamW step (single PPO inner step)."""
+    ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["mask"]
+    logits, values = model(ids, attention_mask=attn)
+    logp = losses.token_logprobs(logits[:, :-1], ids[:, 1:])
+    values = values[:, :-1]
+    ref_logp = None
+    if ref is not None:
+        with torch.no_grad():
+            ref_logp = losses.token_logprobs(ref(ids, attention_mask=attn)[0][:, :-1], ids[:, 1:])
+    # A_t = r - sg(V_old(s_t)) for MCTS/BoN (V_old: this pre-step forward); CISPO: group advantage
+    adv = batch["advantages"]
+    per_token = torch.where(torch.isnan(adv)[:, None],
+                            losses.mcts_advantages(batch["rewards"], values, mask),
+                            torch.nan_to_num(adv)[:, None] * mask)
+    loss, stats = losses.total_loss(
+        logp, batch["old_logprobs"], ref_logp, values, batch["rewards"], per_token, mask,
+        c_ppo=args.c_ppo, c_value=args.c_value, c_kl=args.c_kl if ref is not None else 0.0,
+        loss=args.loss, eps_high=args.eps_high, bound=args.cispo_bound)
+    if not math.isfinite(stats["total_loss"]):
+        raise FloatingPointError(f"non-finite loss ({stats['total_loss']}): "
+                                 f"policy {stats['policy_loss']}, value {stats['value_loss']}, kl {stats['kl']}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+    opt.step()
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: step-XXXXXX.tmp -> fsync -> rename -> `latest` pointer via os.replace
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")) + [path]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(run_dir: Path, policy: PolicyWithValue, tokenizer, state: dict) -> Path:
+    """Atomic under kill -9: `latest` only ever names a fully written, renamed directory."""
+    ckpts = run_dir / "checkpoints"
+    ckpts.mkdir(parents=True, exist_ok=True)
+    name = f"step-{state['step']:06d}"
+    tmp = ckpts / f"{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp, tokenizer)
+    torch.save(state, tmp / "trainer_state.pt")
+    _fsync_tree(tmp)
+    final = ckpts / name
+    shutil.rmtree(final, ignore_errors=True)  # a step saved twice (re-run after resume)
+    os.replace(tmp, final)
+    pointer = ckpts / f"latest.tmp-{os.getpid()}"
+    pointer.write_text(name + "\n")
+    _fsync_tree(pointer)
+    os.replace(pointer, ckpts / "latest")
+    _fsync_tree(ckpts)
+    for old in ckpts.iterdir():  # older steps and leftovers of killed writers
+        if old.name not in (name, "latest"):
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    return final
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The directory `latest` points at, or a one-line error."""
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        raise SystemExit(f"train.py: error: no checkpoint to resume from in {run_dir} (missing {pointer})")
+    return pointer.parent / pointer.read_text().strip()
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    return torch.load(ckpt / "trainer_state.pt", weights_only=True)
+
+
+def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_start: float) -> None:
+    """DDP trainer: rank 0 also publishes weights, evaluates, logs and checkpoints."""
+    device = device_for(args.n_generators + rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=args.n_trainers)
+    policy, tokenizer = load_policy(args.model)
+    # frozen reference for the KL term: the model the run started from (args.model), even on resume
+    ref = copy.deepcopy(policy).requires_grad_(False).to(device) if args.c_kl else None
+    with sh.lock:
+        policy.load_state_dict(sh.weights)
+    policy.to(device)
+    model = torch.nn.parallel.DistributedDataParallel(policy)
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    step, wall0 = 0, 0.0
+    if resume_ckpt:
+        state = load_trainer_state(Path(resume_ckpt))
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        step, wall0 = state["step"], state["wall_time"]
+    torch.manual_seed(args.seed + 1000 * rank + step)
+    test = countdown.make_splits()[1][:args.eval_problems]
+    per_rank = traj_per_step(args) // args.n_trainers
+
+    def wall() -> float:
+        return wall0 + time.time() - t_start
+
+    def evaluate() -> dict:
+        import sampler as sampler_lib
+        smp = sampler_lib.make_sampler("torch", policy, tokenizer, seed=args.seed + step)
+        r = evaluation.evaluate(smp, test, n=args.eval_n, temperature=args.eval_temperature,
+                                max_new_tokens=args.max_new_tokens, progress=False)
+        return {f"eval_mean_at_{args.eval_n}": r["mean_at_n"], "eval_ci95": r["ci95"],
+                "eval_format_rate": r["format_rate"], "eval_mean_len": r["mean_len"]}
+
+    if rank == 0:  # "before": the starting point of this run (or of the resumed segment)
+        sh.log_q.put({"row": {"step": step, "wall_time": wall(), **evaluate()}})
+    while step < args.steps:
+        batch = []
+        while len(batch) < per_rank:  # timeouts keep us responsive to stop requests
+            try:
+                batch.append(sh.traj_q.get(timeout=1.0))
+            except queue.Empty:
+                if sh.stop.is_set():
+                    return
+        data = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
+        stats = train_step(model, ref, opt, data, args)
+        lag = (step - data["versions"]).float()  # trainer version - version that generated it
+        local = torch.tensor([data["rewards"].mean().item(), stats["policy_loss"], stats["value_loss"],
+                              stats["kl"], lag.mean().item(), lag.max().item(), stats["clip_frac"],
+                              stats["grad_norm"]], device=device)
+        dist.all_reduce(local)
+        local /= args.n_trainers
+        step += 1
+        if rank != 0:
+            continue
+        if step % args.sync_every == 0:
+            publish_weights(sh, policy, step)
+            event = {"event": "publish", "version": step}
+            if args.checksums:
+                event["checksum"] = weights_checksum(policy.state_dict())
+            sh.log_q.put(event)
+        busy, waited, synced = (sum(a[:]) for a in (sh.gen_busy, sh.gen_wait, sh.gen_sync))
+        row = dict(zip(["train_reward", "policy_loss", "value_loss", "kl", "policy_lag",
+                        "policy_lag_max", "clip_frac", "grad_norm"], local.tolist()))
+        row.update(step=step, wall_time=wall(), generated_tokens=sum(sh.gen_tokens[:]),
+                   lr=opt.param_groups[0]["lr"], version=sh.version.value,
+                   gen_busy_frac=busy / max(busy + waited + synced, 1e-9))
+        if step == args.steps or (args.eval_every and step % args.eval_every == 0):
+            row.update(evaluate())
+        sh.log_q.put({"row": row})
+        if step == args.steps or step % args.checkpoint_every == 0:
+            state = {"step": step, "optimizer": opt.state_dict(), "wall_time": wall(),
+                     "rng": {"torch": torch.get_rng_state()}, "data_position": list(sh.data_pos[:]),
+                     "generated_tokens": list(sh.gen_tokens[:]), "n_generators": args.n_generators}
+            path = save_checkpoint(Path(args.out), policy, tokenizer, state)
+            sh.log_q.put({"event": "checkpoint", "step": step, "path": str(path),
+                          "data_position": state["data_position"]})
+    if rank == 0:
+        sh.log_q.put({"done": step})
+
+
+# ------------------------------------------------------------------------------------------------
+# Main: spawn, supervise, log
+
+
+def _child(name: str, fn, args: Args, sh: Shared, *rest) -> None:
+    """Child entry point: its torch thread budget, no SIGINT (main stops us), errors -> main."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(args.torch_threads)
+    sh.log_q.put({"event": "start", "process": name, "pid": os.getpid()})
+    try:
+        fn(args, sh, *rest)
+    except BaseException:  # noqa: BLE001 (any failure, even SystemExit, must reach main)
+        sh.err_q.put((name, traceback.format_exc()))
+        sys.exit(1)
+    finally:
+        sh.traj_q.cancel_join_thread()  # never block exit on trajectories nobody will read
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _failure(procs: dict, sh: Shared, stopping: bool) -> str | None:
+    """The first child error (with its traceback), or a child that died without one."""
+    try:
+        name, tb = sh.err_q.get_nowait()
+        return f"{name} failed:\n{tb.rstrip()}"
+    except queue.Empty:
+        pass
+    for name, p in procs.items():
+        if p.exitcode is None or (p.exitcode == 0 and (stopping or name.startswith("trainer"))):
+            continue
+        try:  # it may have raised and reported just before exiting
+            name, tb = sh.err_q.get(timeout=2.0)
+            return f"{name} failed:\n{tb.rstrip()}"
+        except queue.Empty:
+            how = (f"killed by {signal.Signals(-p.exitcode).name}" if p.exitcode < 0
+                   else f"exit code {p.exitcode}")
+            return f"{name} died ({how})"
+    return None
+
+
+def _stop(procs: dict, sh: Shared, grace: float) -> None:
+    """Ask nicely, then SIGTERM, then SIGKILL: bounded, so main never hangs on a stuck child."""
+    sh.stop.set()
+    deadline = time.time() + grace
+    for p in procs.values():
+        p.join(timeout=max(0.0, deadline - time.time()))
+    for p in procs.values():
+        if p.is_alive():
+            p.terminate()
+    for p in procs.values():
+        p.join(timeout=3.0)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _jsonl_keep(path: Path, max_step: int) -> None:
+    """On resume, drop rows logged after the checkpoint we continue from (they will be redone)."""
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= max_step]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
+def run(args: Args) -> int:
+    check_args(args)
+    if args.resume:
+        args = replace(args, out=args.resume)
+    elif not args.out:
+        args = replace(args, out=f"runs/{args.method}-seed{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.dry_run:
+        print(json.dumps(asdict(args), indent=2))
+        return 0
+    out = Path(args.out)
+    state, resume_ckpt = None, ""
+    if args.resume:
+        ckpt = latest_checkpoint(out)
+        state, resume_ckpt = load_trainer_state(ckpt), str(ckpt)
+        saved = json.loads((out / "config.json").read_text())
+        for key in ("method", "model", "n_generators"):
+            if saved[key] != getattr(args, key):
+                raise SystemExit(f"train.py: error: --{key.replace('_', '-')} {getattr(args, key)!r} "
+                                 f"differs from the run being resumed ({saved[key]!r})")
+        if state["step"] >= args.steps:
+            raise SystemExit(f"train.py: error: {out} is already at step {state['step']} >= --steps {args.steps}")
+        policy = PolicyWithValue.from_pretrained(ckpt)
+        _jsonl_keep(out / "metrics.jsonl", state["step"])
+    else:
+        if (out / "checkpoints" / "latest").exists():
+            raise SystemExit(f"train.py: error: {out} already holds a run; pass --resume {out} or another --out")
+        policy, _ = load_policy(args.model)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+    start_step = state["step"] if state else 0
+
+    ctx = mp.get_context("spawn")
+    G = args.n_generators
+    sh = Shared(
+        weights=share_weights(policy), version=ctx.Value("q", start_step), lock=ctx.Lock(),
+        traj_q=ctx.Queue(maxsize=2 * traj_per_step(args)), log_q=ctx.Queue(), err_q=ctx.Queue(),
+        stop=ctx.Event(),
+        data_pos=ctx.Array("q", state["data_position"] if state else [0] * G),
+        gen_tokens=ctx.Array("q", state["generated_tokens"] if state else [0] * G),
+        gen_busy=ctx.Array("d", G), gen_wait=ctx.Array("d", G), gen_sync=ctx.Array("d", G))
+    del policy
+    port, t_start = _free_port(), time.time()
+    procs = {f"generator-{g}": ctx.Process(target=_child, args=(f"generator-{g}", generator, args, sh, g))
+             for g in range(G)}
+    procs.update({f"trainer-{r}": ctx.Process(
+        target=_child, args=(f"trainer-{r}", trainer, args, sh, r, port, resume_ckpt, t_start))
+        for r in range(args.n_trainers)})
+    for p in procs.values():
+        p.start()
+
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # optional: only if installed
+        writer = SummaryWriter(str(out / "tb"))
+    except ImportError:
+        writer = None
+    eval_key = f"eval_mean_at_{args.eval_n}"
+    evals = []
+    bar = tqdm(total=args.steps, initial=start_step, desc=f"{args.method} steps", unit="step")
+    metrics, events = open(out / "metrics.jsonl", "a"), open(out / "events.jsonl", "a")  # noqa: SIM115
+    try:
+        while True:
+            try:
+                msg = sh.log_q.get(timeout=0.5)
+            except queue.Empty:
+                msg = None
+            if msg is not None and "done" in msg:
+                break
+            if msg is not None and "row" in msg:
+                row = msg["row"]
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                if writer is not None:
+                    for k, v in row.items():
+                        if k != "step":
+                            writer.add_scalar(k, v, row["step"])
+                if eval_key in row:
+                    evals.append(row)
+                    tqdm.write(f"step {row['step']}: mean@{args.eval_n} {row[eval_key]:.2%} "
+                               f"± {row['eval_ci95']:.2%}, format {row['eval_format_rate']:.1%}")
+                if "train_reward" in row:
+                    bar.update(row["step"] - bar.n)
+                    bar.set_postfix(reward=f"{row['train_reward']:.3f}", lag=f"{row['policy_lag']:.1f}",
+                                    busy=f"{row['gen_busy_frac']:.0%}")
+            elif msg is not None:
+                events.write(json.dumps({"wall_time": time.time() - t_start, **msg}) + "\n")
+                events.flush()
+            error = _failure(procs, sh, stopping=False)
+            if error:
+                bar.close()
+                print(f"train.py: error: {error}", file=sys.stderr)
+                _stop(procs, sh, grace=1.0)
+                return 1
+    except KeyboardInterrupt:
+        bar.close()
+        print("train.py: interrupted, stopping children", file=sys.stderr)
+        _stop(procs, sh, grace=2.0)
+        return 130
+    finally:
+        metrics.close()
+        events.close()
+        if writer is not None:
+            writer.close()
+    bar.close()
+    _stop(procs, sh, grace=5.0)
+    if len(evals) >= 2:
+        first, last = evals[0], evals[-1]
+        print(f"mean@{args.eval_n} on {args.eval_problems} test problems: step {first['step']} "
+              f"{first[eval_key]:.2%} ± {first['eval_ci95']:.2%} -> step {last['step']} "
+              f"{last[eval_key]:.2%} ± {last['eval_ci95']:.2%}")
+    print(f"run directory: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(parse_args()))
