@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import itertools
 import json
 import operator
 import random
@@ -207,22 +208,22 @@ def make_splits(seed: int = 0, n_train: int = 20000,
 
     No (sorted numbers, target) pair appears twice, in a split or across splits.
     """
+    all_multisets = itertools.combinations_with_replacement(range(NUM_MIN, NUM_MAX + 1), N_NUMS)
+    available = sum(len(_targets(ms)) for ms in all_multisets)  # fills the cache used below
+    if n_train + n_test > available:
+        raise ValueError(f"asked for {n_train + n_test} problems, only {available} distinct "
+                         f"(numbers, target) pairs exist")
     rng = random.Random(seed)
     seen: set[tuple[tuple[int, ...], int]] = set()
     problems: list[Problem] = []
-    tries = 0
     while len(problems) < n_train + n_test:
-        tries += 1
-        if tries > 100 * (n_train + n_test) + 10_000:
-            raise ValueError(f"cannot draw {n_train + n_test} distinct problems")
         nums = tuple(rng.randint(NUM_MIN, NUM_MAX) for _ in range(N_NUMS))
         targets = _targets(tuple(sorted(nums)))
         if not targets:
             continue
         target = rng.choice(targets)
-        key = (tuple(sorted(nums)), target)
-        if key not in seen:
-            seen.add(key)
+        if (tuple(sorted(nums)), target) not in seen:
+            seen.add((tuple(sorted(nums)), target))
             problems.append(Problem(nums, target))
     return problems[n_test:], problems[:n_test]
 

@@ -293,6 +293,8 @@ def test_splits_deterministic(splits):
     assert make_splits(0) == splits
     assert make_splits(1, n_train=200, n_test=50) == make_splits(1, n_train=200, n_test=50)
     assert make_splits(1, n_train=200, n_test=50) != make_splits(2, n_train=200, n_test=50)
+    with pytest.raises(ValueError, match="distinct"):
+        make_splits(n_train=10**6)
 
 
 def test_jsonl_round_trip(tmp_path, splits):
