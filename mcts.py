@@ -12,12 +12,14 @@ Interpretation choices (the README repeats them):
   statistics the first time the child is selected (unvisited children count with Q = 0, as in
   the author's code). The root's value is never compared, so it backs up 0.
 - Virtual loss is "value added to visit counts" (blog table, author's code): a selecting worker
-  adds 1 to N of every node on its path, Q = W / (N + VL), removed on backup. Q is pulled
-  towards 0, so it repels from positive-valued branches only; the exploration term always drops.
+  adds 1 to N of every node on its path, Q = W / (N + VL), removed on backup. The exploration
+  term always drops; Q is pulled towards 0, which repels from a branch with W > 0 but draws to
+  one with W < 0 (a "loss" added to W as well would not; we follow the blog and the author).
 - Workers are batched rounds: each round every tree's workers select in turn, then all pending
   leaves of all trees are expanded in ONE sampler call. A worker landing on a leaf already
   pending this round is a collision: it holds its virtual loss until the round's backup (as an
   async worker waiting on that expansion would), then drops it without a backup.
+  A selected terminal leaf needs no model call: its reward is backed up at once.
   M counts selections per tree, all workers together: ceil(M / workers) rounds.
 - Identical sibling steps (same tokens) are merged into one child whose prior is the sum of
   their softmax shares: same prior mass as keeping both, without splitting the search between
