@@ -377,6 +377,6 @@ if __name__ == "__main__":
     print("trace: ", trace)
     wrong = f"{ANSWER_OPEN}{'+'.join(map(str, p.nums))}{ANSWER_CLOSE}"
     for name, text in [("solver trace", trace), ("sum of the numbers", wrong),
-                       ("garbage", "I give up"), ("reused number", f"<answer>{p.nums[0]}</answer>")]:
+                       ("garbage", "I give up"), ("missing numbers", f"<answer>{p.nums[0]}</answer>")]:
         print(f"{name:20s} dense {dense_reward(text, p):+.3f} sparse {sparse_reward(text, p):.0f}"
               f"  {text!r}")
