@@ -7,13 +7,33 @@ same number of generated tokens, does searching beat sampling more?
 
 from __future__ import annotations
 
+import json
 import math
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
+import tyro
 from tqdm import tqdm
 
-from countdown import ANSWER_CLOSE, Problem, is_well_formatted, make_prompt, sparse_reward
+from countdown import (
+    ANSWER_CLOSE,
+    Problem,
+    evaluate_expression,
+    is_well_formatted,
+    make_prompt,
+    make_splits,
+    parse_answer,
+    sparse_reward,
+)
+from mcts import MCTSConfig, search_tree_to_dict
+from mcts import search as mcts_search
+
+SEARCH_METHODS = ("none", "bon", "mcts")
+BON_SELECT = ("vote", "value")
 
 
 def prompt_ids(problem: Problem, tokenizer) -> list[int]:
@@ -61,3 +81,217 @@ def evaluate(sampler, problems: Sequence[Problem], n: int = 16, temperature: flo
         "n_problems": len(problems),
         "n_samples": n,
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Test-time search at an equal generated-token budget per problem (none / best-of-N / MCTS).
+# Budgets count the tokens the sampler returns (stop string / EOS included), nothing else.
+
+
+def sample_within_budget(sampler, prompts: list[list[int]], budget: int, max_samples: int,
+                         max_new_tokens: int, temperature: float, min_sample_tokens: int = 16
+                         ) -> tuple[list[list], list[int]]:
+    """Per prompt, draw samples while its budget lasts: a sample may use at most the tokens left
+    (after the first round rounded down to a power of two: few distinct calls), so the sum never
+    exceeds `budget`. After the first sample, none shorter than `min_sample_tokens` (no room for
+    an answer). Returns (completions per prompt, tokens used per prompt)."""
+    samples: list[list] = [[] for _ in prompts]
+    used = [0] * len(prompts)
+    while True:
+        groups: dict[tuple[int, int], list[int]] = {}  # (samples, max tokens each) -> prompts
+        for i in range(len(prompts)):
+            left, room = budget - used[i], max_samples - len(samples[i])
+            if room < 1 or left < (min_sample_tokens if samples[i] else 1):
+                continue
+            # all prompts start with the same budget: one call; later rounds round down
+            cap = min(max_new_tokens, 1 << (left.bit_length() - 1) if samples[i] else left)
+            groups.setdefault((min(room, left // cap), cap), []).append(i)
+        if not groups:
+            return samples, used
+        for (n, cap), idx in groups.items():
+            outs = sampler.generate([prompts[i] for i in idx], n=n, max_new_tokens=cap,
+                                    temperature=temperature, stop=(ANSWER_CLOSE,),
+                                    want_values=True)
+            for i, completions in zip(idx, outs, strict=True):
+                samples[i] += completions
+                # max(1, .): a (broken) sampler returning empty samples cannot loop forever
+                used[i] += sum(max(1, len(c.tokens)) for c in completions)
+
+
+def answer_value(text: str) -> Fraction | None:
+    """Exact value of the completion's answer expression (None without a parseable answer)."""
+    answer = parse_answer(text)
+    result = None if answer is None else evaluate_expression(answer)
+    return None if result is None else result[0]
+
+
+def select_answer(completions: list, select: str = "vote"):
+    """Best-of-N WITHOUT ground truth. "vote": majority vote over the answers' exact values, ties
+    (and the case of no parseable answer) broken by the value head's V at the sample's end;
+    "value": the value head alone. Neither looks at the target or at the given numbers."""
+    if select not in BON_SELECT:
+        raise ValueError(f"bon selection must be one of {BON_SELECT}, got {select!r}")
+
+    def v(c) -> float:
+        return c.value if c.value is not None else -math.inf
+
+    values = [answer_value(c.text) for c in completions]
+    votes = Counter(x for x in values if x is not None)
+    if select == "value" or not votes:
+        return max(completions, key=v)
+    return max((c for c, x in zip(completions, values) if x is not None),
+               key=lambda c: (votes[answer_value(c.text)], v(c)))
+
+
+def mcts_budget_config(budget: int, max_new_tokens: int, k: int, workers: int,
+                       step_tokens: int) -> MCTSConfig | None:
+    """An MCTS config that cannot generate more than `budget` tokens: each selection expands at
+    most one leaf (<= k * step_tokens tokens) and the final rollout writes at most
+    max_total_tokens, so iterations = (budget - max_total_tokens) // (k * step_tokens).
+    Half the budget (at most max_new_tokens) is the completion cap. None if no expansion fits."""
+    max_total = min(max_new_tokens, budget // 2)
+    iterations = (budget - max_total) // (k * step_tokens)
+    if iterations < 1:
+        return None
+    # selection by visits and the value head at terminals: no ground truth at test time
+    return MCTSConfig(workers=workers, iterations=iterations, k=k, max_step_tokens=step_tokens,
+                      max_total_tokens=max_total, select="visits", terminal_value="value_head")
+
+
+def answer_with_search(sampler, problems: Sequence[Problem], method: str, budget: int, *,
+                       max_new_tokens: int = 128, temperature: float = 1.0,
+                       bon_select: str = "vote", mcts_cfg: MCTSConfig | None = None
+                       ) -> tuple[list[str], list[int], list]:
+    """One answer per problem within `budget` generated tokens: "none" (one sample), "bon"
+    (samples while the budget lasts, `select_answer`) or "mcts" (`mcts.search`).
+    Returns (answer texts, tokens used per problem, search roots (mcts only))."""
+    if method == "mcts":
+        if mcts_cfg is None:
+            raise ValueError(f"no MCTS config fits a budget of {budget} tokens")
+        results = mcts_search(list(problems), sampler, mcts_cfg)
+        return ([r.text for r in results], [r.stats["tokens_generated"] for r in results],
+                [r.root for r in results])
+    if method not in ("none", "bon"):
+        raise ValueError(f"search must be one of {SEARCH_METHODS}, got {method!r}")
+    prompts = [prompt_ids(p, sampler.tokenizer) for p in problems]
+    samples, used = sample_within_budget(sampler, prompts, budget,
+                                         max_samples=1 if method == "none" else budget,
+                                         max_new_tokens=max_new_tokens, temperature=temperature)
+    if method == "none":
+        return [s[0].text for s in samples], used, []
+    return [select_answer(s, bon_select).text for s in samples], used, []
+
+
+def search_eval(sampler, problems: Sequence[Problem], methods: Sequence[str],
+                budgets: Sequence[int], *, max_new_tokens: int = 128, temperature: float = 1.0,
+                bon_select: str = "vote", mcts_k: int = 4, mcts_workers: int = 1,
+                mcts_step_tokens: int = 16, batch_size: int = 64, progress: bool = True,
+                dump_trees: Path | None = None, dump_count: int = 4) -> list[dict]:
+    """Accuracy (sparse reward of the chosen answer) per (method, budget): the equal-compute
+    comparison. The CI unit is the problem (one 0/1 answer each)."""
+    rows = []
+    for method in methods:
+        for budget in budgets:
+            cfg = mcts_budget_config(budget, max_new_tokens, mcts_k, mcts_workers,
+                                     mcts_step_tokens) if method == "mcts" else None
+            if method == "mcts" and cfg is None:
+                print(f"mcts: no expansion fits a budget of {budget} tokens, skipped")
+                continue
+            rewards, used = [], []
+            for start in tqdm(range(0, len(problems), batch_size), disable=not progress,
+                              desc=f"{method} @ {budget} tokens"):
+                chunk = problems[start:start + batch_size]
+                texts, tokens, roots = answer_with_search(
+                    sampler, chunk, method, budget, max_new_tokens=max_new_tokens,
+                    temperature=temperature, bon_select=bon_select, mcts_cfg=cfg)
+                rewards += [sparse_reward(t, p) for t, p in zip(texts, chunk, strict=True)]
+                used += tokens
+                if dump_trees is not None and start < dump_count:
+                    dump_search_trees(dump_trees, budget, start, chunk, roots[:dump_count - start])
+            if max(used) > budget:  # cannot happen by construction; the comparison rests on it
+                raise RuntimeError(f"{method} used {max(used)} > {budget} tokens")
+            rows.append({"method": method, "budget_tokens": budget,
+                         "accuracy": float(np.mean(rewards)), "ci95": ci95_half_width(rewards),
+                         "mean_tokens_used": float(np.mean(used)), "max_tokens_used": max(used),
+                         "n_problems": len(problems),
+                         **({"mcts_iterations": cfg.iterations} if cfg else {})})
+    return rows
+
+
+def dump_search_trees(out_dir: Path, budget: int, first: int, problems: Sequence[Problem],
+                      roots: list) -> None:
+    """Search trees as JSON for `python plots.py tree <file>`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, (problem, root) in enumerate(zip(problems, roots)):
+        tree = {"problem": {"nums": list(problem.nums), "target": problem.target},
+                "budget_tokens": budget, **search_tree_to_dict(root)}
+        (out_dir / f"tree_b{budget}_{first + i:03d}.json").write_text(json.dumps(tree))
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+@dataclass
+class Args:
+    """python eval.py --checkpoint tiny [--limit 100] [--search none bon mcts --budget-tokens 64 128 256 512]"""
+
+    checkpoint: str = "tiny"  # a saved PolicyWithValue directory, "tiny", or a hub id
+    limit: int | None = None  # evaluate the first `limit` test problems (default: all 820)
+    n: int = 16  # samples per problem: mean@16 (blog, "Results")
+    temperature: float = 1.0  # sampling temperature (the author's eval used 0.2)
+    max_new_tokens: int = 128  # cap on one completion
+    batch_size: int = 16  # problems per sampler call (each with n samples)
+    backend: str = "torch"  # sampler backend (sampler.make_sampler)
+    seed: int = 0  # sampler seed
+    data_seed: int = 0  # countdown.make_splits seed: the test split
+    out: Path = Path("summary.json")  # JSON summary (and, with --budget-tokens, a budget plot PNG)
+    search: tuple[str, ...] = ("none",)  # with --budget-tokens: any of none, bon, mcts
+    budget_tokens: tuple[int, ...] = ()  # generated tokens per problem; empty: plain mean@n eval
+    bon_select: str = "vote"  # best-of-N without ground truth: "vote" (majority) or "value" head
+    mcts_k: int = 4  # completions per expanded leaf
+    mcts_workers: int = 1  # selections per round (1: sequential search, best at small budgets)
+    mcts_step_tokens: int = 16  # cap on one step (the tiny model's steps are ~7 tokens)
+    dump_trees: Path | None = None  # write the first trees of each MCTS search here as JSON
+    dump_count: int = 4  # how many trees per budget --dump-trees writes
+
+
+def main(args: Args) -> dict:
+    for method in args.search:
+        if method not in SEARCH_METHODS:
+            raise SystemExit(f"--search must be among {SEARCH_METHODS}, got {method!r}")
+    if args.bon_select not in BON_SELECT:
+        raise SystemExit(f"--bon-select must be one of {BON_SELECT}, got {args.bon_select!r}")
+    from sampler import make_sampler  # model side imported here: the eval math above needs none
+    from value_head import load_policy
+
+    policy, tokenizer = load_policy(args.checkpoint)
+    sampler = make_sampler(args.backend, policy, tokenizer, seed=args.seed)
+    _, test = make_splits(args.data_seed)
+    problems = test[:args.limit] if args.limit else test
+    summary = {"checkpoint": args.checkpoint, "temperature": args.temperature,
+               "max_new_tokens": args.max_new_tokens, "seed": args.seed,
+               "data_seed": args.data_seed}
+    if args.budget_tokens:
+        summary["bon_select"] = args.bon_select
+        summary["search"] = search_eval(
+            sampler, problems, args.search, args.budget_tokens,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+            bon_select=args.bon_select, mcts_k=args.mcts_k, mcts_workers=args.mcts_workers,
+            mcts_step_tokens=args.mcts_step_tokens, batch_size=args.batch_size,
+            dump_trees=args.dump_trees, dump_count=args.dump_count)
+    else:
+        summary.update(evaluate(sampler, problems, n=args.n, temperature=args.temperature,
+                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    if args.budget_tokens:
+        import plots
+
+        print(plots.save(plots.budget_figure(summary), args.out.with_suffix(".png")))
+    return summary
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

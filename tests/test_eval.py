@@ -7,7 +7,7 @@ import pytest
 
 import eval as ev
 import tiny
-from countdown import ANSWER_CLOSE, Problem, solution_trace
+from countdown import ANSWER_CLOSE, STEP_END, Problem, solution_trace
 
 
 @dataclass
@@ -20,33 +20,47 @@ class FakeCompletion:  # the fields of sampler.Completion that eval.py reads
 
 
 class ScriptedSampler:
-    """Stand-in for sampler.TorchSampler: the k-th sample of a problem's prompt is its script's
-    k-th (text, value) (cycled), truncated to max_new_tokens like a real sampler."""
+    """Stand-in for sampler.TorchSampler. The k-th sample for a problem is its script's k-th
+    (text, value) among the texts that continue what the context already holds (MCTS paths),
+    cut after the first stop string and at max_new_tokens like a real sampler. It counts the
+    tokens it returns per problem: the budget tests' independent count."""
 
     def __init__(self, script: dict[Problem, list[tuple[str, float]]]):
         self.tokenizer = tiny.build_tokenizer()
         self.script = {tuple(ev.prompt_ids(p, self.tokenizer)): s for p, s in script.items()}
-        self.drawn = {key: 0 for key in self.script}
+        self.drawn = dict.fromkeys(self.script, 0)
+        self.returned = dict.fromkeys(self.script, 0)
         self.calls: list[dict] = []
 
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def sample(self, context: list[int], max_new_tokens: int, stop, want_values: bool):
+        key = next(k for k in self.script if tuple(context[:len(k)]) == k)
+        done = self.tokenizer.decode(context[len(key):], skip_special_tokens=True)
+        texts = [s for s in self.script[key] if s[0].startswith(done)] or self.script[key]
+        text, value = texts[self.drawn[key] % len(texts)]
+        self.drawn[key] += 1
+        ids = self.encode(text.removeprefix(done))
+        reason = "eos"
+        for j in range(1, len(ids) + 1):
+            decoded = self.tokenizer.decode(ids[:j], skip_special_tokens=True)
+            if j > max_new_tokens:
+                ids, reason = ids[:max_new_tokens], "length"
+                break
+            if any(decoded.endswith(s) for s in stop):
+                ids, reason = ids[:j], "step" if decoded.endswith(STEP_END) else "answer"
+                break
+        self.returned[key] += len(ids)
+        return FakeCompletion(ids, [-0.1] * len(ids), self.tokenizer.decode(ids), reason,
+                              value if want_values else None)
+
     def generate(self, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
-                 stop=("</step>", ANSWER_CLOSE), want_values=False):
+                 stop=(STEP_END, ANSWER_CLOSE), want_values=False):
         self.calls.append({"n_prompts": len(prompts), "n": n, "max_new_tokens": max_new_tokens,
-                               "stop": tuple(stop)})
-        out = []
-        for prompt in prompts:
-            key = tuple(prompt)
-            row = []
-            for _ in range(n):
-                text, value = self.script[key][self.drawn[key] % len(self.script[key])]
-                self.drawn[key] += 1
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-                cut = ids[:max_new_tokens]
-                row.append(FakeCompletion(cut, [0.0] * len(cut), self.tokenizer.decode(cut),
-                                          "answer" if len(cut) == len(ids) else "length",
-                                          value if want_values else None))
-            out.append(row)
-        return out
+                           "stop": tuple(stop)})
+        return [[self.sample(p, max_new_tokens, stop, want_values) for _ in range(n)]
+                for p in prompts]
 
 
 def sum_problem(i: int) -> Problem:
@@ -102,3 +116,85 @@ def test_ci95_single_problem_is_undefined_and_bad_input_raises():
     assert math.isnan(ev.ci95_half_width([0.5]))
     with pytest.raises(ValueError, match="at least one problem"):
         ev.evaluate(ScriptedSampler({}), [], n=16, progress=False)
+
+
+def steps_trace(p: Problem) -> str:
+    """A 3-step completion (sum, left to right) whose answer is right: MCTS can expand it."""
+    a, b, c, d = p.nums
+    return (f"{a}+{b}={a + b}</step>{a + b}+{c}={a + b + c}</step>{a + b + c}+{d}={p.target}"
+            f"</step><answer>{a}+{b}+{c}+{d}</answer>")
+
+
+def budget_script(problems):
+    """Samples of various lengths (14 to ~40 tokens), right and wrong, with values."""
+    return {p: [(steps_trace(p), 0.5), (product_answer(p), 0.2),
+                ("1+1=2</step>2*2=4</step>" + product_answer(p), -0.3)] for p in problems}
+
+
+@pytest.mark.parametrize("method", ["none", "bon", "mcts"])
+@pytest.mark.parametrize("budget", [20, 64, 100, 128, 256, 512])
+def test_budget_harness_never_exceeds_the_budget(method, budget):
+    problems = [sum_problem(i) for i in range(6)]
+    sampler = ScriptedSampler(budget_script(problems))
+    cfg = ev.mcts_budget_config(budget, 128, k=2, workers=2, step_tokens=16)
+    if method == "mcts" and cfg is None:
+        # no expansion (2 * 16 tokens) fits next to the completion cap (half the budget)
+        assert budget < 2 * (2 * 16)
+        return
+    texts, used, roots = ev.answer_with_search(sampler, problems, method, budget,
+                                               max_new_tokens=128, mcts_cfg=cfg)
+    returned = [sampler.returned[tuple(ev.prompt_ids(p, sampler.tokenizer))] for p in problems]
+    assert used == returned  # the harness counts exactly the tokens the sampler returned
+    assert max(returned) <= budget
+    assert len(texts) == len(problems)
+    if method == "none":  # one sample, cut at the budget
+        first = sampler.encode(steps_trace(problems[0]))
+        assert returned[0] == min(len(first), budget)
+    if method == "bon" and budget >= 128:  # several samples were drawn: most of the budget used
+        assert min(returned) > budget // 2
+    if method == "mcts":
+        assert len(roots) == len(problems) and all(1 <= r.N <= cfg.iterations for r in roots)
+
+
+def test_mcts_budget_config_worst_case_fits():
+    # budget 512, completion cap min(128, 256) = 128; each expansion <= k * step = 4 * 16 = 64
+    cfg = ev.mcts_budget_config(512, 128, k=4, workers=1, step_tokens=16)
+    assert (cfg.iterations, cfg.max_total_tokens) == ((512 - 128) // 64, 128)
+    assert cfg.iterations * cfg.k * cfg.max_step_tokens + cfg.max_total_tokens <= 512
+    assert (cfg.select, cfg.terminal_value) == ("visits", "value_head")  # no ground truth
+    assert ev.mcts_budget_config(100, 128, k=4, workers=1, step_tokens=16) is None  # 50 + 64 > 100
+
+
+def completion(text: str, value: float) -> FakeCompletion:
+    return FakeCompletion([0] * len(text), [], text, "answer", value)
+
+
+def test_bon_majority_vote_ignores_ground_truth():
+    p = Problem((2, 3, 5, 1), 11)  # 2+3+5+1 = 11; the product 30 is wrong
+    right = [completion("<answer>2+3+5+1</answer>", 0.9), completion("<answer>5+3+2+1</answer>", 0.8)]
+    # three wrong answers with the same VALUE (30) written differently: votes count values
+    wrong = [completion("<answer>2*3*5*1</answer>", 0.1), completion("<answer>(2*3)*(5*1)</answer>", 0.0),
+             completion("<answer>5*3*2*1</answer>", 0.3)]
+    garbage = [completion("no answer", 1.0)]
+    chosen = ev.select_answer(right + wrong + garbage, "vote")
+    assert chosen is wrong[2]  # the majority value, highest V among its samples
+    assert ev.sparse_reward(chosen.text, p) == 0.0  # majority wrong -> BoN wrong: no oracle
+    assert ev.select_answer(right + wrong + garbage, "value") is garbage[0]  # value head alone
+    # a 2-2 tie between values is broken by the value head
+    tie = right + wrong[:2]
+    assert ev.select_answer(tie, "vote") is right[0]
+    assert ev.select_answer([garbage[0], completion("??", 2.0)], "vote").text == "??"
+    with pytest.raises(ValueError, match="bon selection"):
+        ev.select_answer(tie, "oracle")
+
+
+def test_bon_through_the_harness_picks_the_wrong_majority():
+    p = sum_problem(0)
+    sampler = ScriptedSampler({p: [(product_answer(p), 0.0), (steps_trace(p), 0.9),
+                                   (product_answer(p), 0.0)]})
+    texts, _, _ = ev.answer_with_search(sampler, [p], "bon", 512, max_new_tokens=64)
+    assert sampler.drawn[tuple(ev.prompt_ids(p, sampler.tokenizer))] >= 3
+    assert texts == [product_answer(p)] and ev.sparse_reward(texts[0], p) == 0.0
+    texts, _, _ = ev.answer_with_search(sampler, [p], "bon", 512, max_new_tokens=64,
+                                        bon_select="value")
+    assert texts == [steps_trace(p)] and ev.sparse_reward(texts[0], p) == 1.0
