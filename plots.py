@@ -1,0 +1,234 @@
+"""Figures: the blog's eval and training curves, the equal-budget search comparison, one search tree.
+
+    python plots.py runs/mcts-s0 runs/mcts-s1 runs/cispo-s0 ... [--out figures]
+    python plots.py tree trees/tree_000.json [--out tree.png]
+    python plots.py budget summary.json [--out budget.png]
+
+Runs are grouped by `config.json`'s "method": one line per method (mean over seeds), shaded
+from the min to the max seed. Every function returns its Figure so tests can inspect it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+
+from countdown import STEP_END
+
+EVAL_KEY, TRAIN_KEY = "eval_mean_at_16", "train_reward"
+STEP, TOKENS = "step", "generated_tokens"
+MAX_FIG_WIDTH = 30.0  # inches: a 100-iteration tree has hundreds of leaves
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a metrics.jsonl; a malformed or truncated line (a run killed mid-write) is
+    skipped with a warning instead of losing the whole run."""
+    rows = []
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            warnings.warn(f"{path}:{i}: skipping malformed JSONL line: {line[:60]!r}", stacklevel=2)
+            continue
+        rows.append(row)
+    return rows
+
+
+def load_run(run_dir: str | Path) -> dict:
+    """One training run: its method and seed (config.json) and its metric rows."""
+    run_dir = Path(run_dir)
+    config_path, metrics_path = run_dir / "config.json", run_dir / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise SystemExit(f"{run_dir}: no metrics.jsonl (is this a run directory?)")
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    return {"method": str(config.get("method", run_dir.name)), "seed": config.get("seed"),
+            "rows": read_jsonl(metrics_path)}
+
+
+def series(rows: list[dict], x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) over the rows that carry both keys (eval rows only every few steps), sorted by x."""
+    pts = sorted((r[x_key], r[y_key]) for r in rows
+                 if r.get(x_key) is not None and r.get(y_key) is not None)
+    return np.array([p[0] for p in pts], dtype=float), np.array([p[1] for p in pts], dtype=float)
+
+
+def seed_band(curves: list[tuple[np.ndarray, np.ndarray]]
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, min and max across seeds on a common x grid: the union of the seeds' x values inside
+    the range all seeds cover (generated tokens differ per seed, so curves are interpolated)."""
+    curves = [(x, y) for x, y in curves if len(x)]
+    lo, hi = max(x[0] for x, _ in curves), min(x[-1] for x, _ in curves)
+    grid = np.unique(np.concatenate([x[(x >= lo) & (x <= hi)] for x, _ in curves]))
+    ys = np.stack([np.interp(grid, x, y) for x, y in curves])
+    return grid, ys.mean(0), ys.min(0), ys.max(0)
+
+
+def plot_metric(ax, runs: list[dict], x_key: str, y_key: str) -> None:
+    """One line per method (mean over its seeds) with a shaded min-max band across seeds."""
+    by_method = defaultdict(list)
+    for run in runs:
+        by_method[run["method"]].append(series(run["rows"], x_key, y_key))
+    for method, curves in sorted(by_method.items()):
+        if not any(len(x) for x, _ in curves):
+            continue
+        grid, mean, lo, hi = seed_band(curves)
+        (line,) = ax.plot(grid, mean, label=method)
+        if len(curves) > 1:
+            ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.2)
+    ax.set_xlabel(x_key.replace("_", " "))
+    ax.set_ylabel(y_key.replace("_", " "))
+    ax.grid(alpha=0.3)
+    if ax.get_lines():
+        ax.legend()
+
+
+def eval_figure(runs: list[dict]) -> Figure:
+    """The blog's 'mean@16 evaluation curve', by step and by generated tokens (fair compute)."""
+    fig, (by_step, by_tokens) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    plot_metric(by_step, runs, STEP, EVAL_KEY)
+    plot_metric(by_tokens, runs, TOKENS, EVAL_KEY)
+    by_step.set_ylabel("eval mean@16")
+    fig.suptitle("Countdown mean@16 (test split), mean over seeds, band = min-max")
+    fig.tight_layout()
+    return fig
+
+
+def train_figure(runs: list[dict]) -> Figure:
+    """The blog's 'reward-training curve': mean train reward of each step's trajectories."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    plot_metric(ax, runs, STEP, TRAIN_KEY)
+    ax.set_title("Training reward, mean over seeds, band = min-max")
+    fig.tight_layout()
+    return fig
+
+
+def budget_figure(summary: dict) -> Figure:
+    """Accuracy vs generated-token budget per problem, one line per search method: the
+    equal-compute comparison of plain sampling, best-of-N and MCTS at test time."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_method = defaultdict(list)
+    for row in summary["search"]:
+        by_method[row["method"]].append(row)
+    for method, rows in sorted(by_method.items()):
+        rows.sort(key=lambda r: r["budget_tokens"])
+        ax.errorbar([r["budget_tokens"] for r in rows], [r["accuracy"] for r in rows],
+                    yerr=[r["ci95"] for r in rows], marker="o", capsize=3, label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("generated-token budget per problem")
+    ax.set_ylabel("accuracy (sparse reward of the chosen answer)")
+    ax.set_title(f"Test-time search at equal budget ({summary.get('checkpoint', '')})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def tree_layout(tree: dict) -> list[tuple[dict, float, int, int | None]]:
+    """Layered layout: (node, x, depth, parent index); leaves get consecutive x, a parent sits
+    over the mean of its children, so siblings never cross."""
+    placed: list = []
+    next_leaf = [0.0]
+
+    def place(node: dict, depth: int, parent: int | None) -> float:
+        index = len(placed)
+        placed.append(None)
+        xs = [place(child, depth + 1, index) for child in node.get("children", [])]
+        if xs:
+            x = float(np.mean(xs))
+        else:
+            x, next_leaf[0] = next_leaf[0], next_leaf[0] + 1
+        placed[index] = (node, x, depth, parent)
+        return x
+
+    place(tree, 0, None)
+    return placed
+
+
+def short_label(text: str, width: int = 14) -> str:
+    """A step's text cut to fit a node label (every step ends with </step>: dropped)."""
+    text = " ".join(text.replace(STEP_END, "").split())
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def tree_figure(tree: dict) -> Figure:
+    """One MCTS search tree: node label = its step text (shortened) and visits, colour = Q,
+    edge width = the child's visit count, so the search's focus is visible."""
+    nodes = tree_layout(tree)
+    visits = np.array([n.get("N", 0) for n, *_ in nodes], dtype=float)
+    width_scale = 6.0 / max(visits.max(), 1.0)
+    depth = max(d for *_, d, _ in nodes)
+    n_leaves = max(x for _, x, *_ in nodes) + 1
+    width = min(MAX_FIG_WIDTH, max(6.0, 1.3 * n_leaves))
+    fontsize = max(2.0, min(7.0, 7.0 * width / (1.3 * n_leaves)))  # shrink labels on big trees
+    fig, ax = plt.subplots(figsize=(width, max(3.0, 1.2 * (depth + 1))))
+    for node, x, d, parent in nodes:
+        if parent is not None:
+            _, px, pd, _ = nodes[parent]
+            ax.plot([px, x], [-pd, -d], color="grey", zorder=1,
+                    linewidth=0.5 + width_scale * node.get("N", 0))
+    q = [n.get("Q") if n.get("Q") is not None else np.nan for n, *_ in nodes]
+    points = ax.scatter([x for _, x, *_ in nodes], [-d for *_, d, _ in nodes], c=q,
+                        cmap="RdYlGn", vmin=-1, vmax=1, s=250, edgecolors="black", zorder=2)
+    for node, x, d, _ in nodes:
+        label = "root" if d == 0 else short_label(node.get("text", ""))
+        ax.text(x, -d - 0.22, f"{label}\nN={node.get('N', 0)}", ha="center", va="top",
+                fontsize=fontsize, zorder=3)
+    fig.colorbar(points, ax=ax, label="Q (mean backed-up value)")
+    ax.set_ylim(-depth - 0.8, 0.4)
+    ax.set_axis_off()
+    problem = tree.get("problem")
+    about = f": {problem['nums']} -> {problem['target']}" if problem else ""
+    ax.set_title(f"MCTS search tree{about} (edge width = visits)")
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: Figure, path: str | Path) -> Path:
+    """Write a PNG and free the figure."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("tree", "budget"):
+        p = argparse.ArgumentParser(prog=f"plots.py {argv[0]}")
+        p.add_argument("json_file", type=Path)
+        p.add_argument("--out", type=Path, default=None, help="PNG path (default: beside input)")
+        args = p.parse_args(argv[1:])
+        if not args.json_file.is_file():
+            raise SystemExit(f"no such file: {args.json_file}")
+        data = json.loads(args.json_file.read_text())
+        fig = tree_figure(data) if argv[0] == "tree" else budget_figure(data)
+        print(save(fig, args.out or args.json_file.with_suffix(".png")))
+        return
+    p = argparse.ArgumentParser(prog="plots.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", type=Path, help="run directories (metrics.jsonl, config.json)")
+    p.add_argument("--out", type=Path, default=Path("figures"), help="output directory")
+    args = p.parse_args(argv)
+    runs = [load_run(r) for r in args.runs]
+    print(save(eval_figure(runs), args.out / "eval_mean_at_16.png"))
+    print(save(train_figure(runs), args.out / "train_reward.png"))
+
+
+if __name__ == "__main__":
+    main()

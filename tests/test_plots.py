@@ -1,0 +1,149 @@
+"""plots.py on small synthetic runs: inspect the drawn series, not only that a file exists."""
+
+import json
+
+import numpy as np
+import pytest
+
+import plots
+
+
+def write_run(path, method, seed, rows, tail=""):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"method": method, "seed": seed}))
+    lines = [json.dumps(r) for r in rows]
+    (path / "metrics.jsonl").write_text("\n".join(lines) + "\n" + tail)
+
+
+def rows_for(offset: float, tokens_per_step: int):
+    """Train rows every step, eval rows (eval_mean_at_16) every 2 steps."""
+    rows = []
+    for step in range(5):
+        row = {"step": step, "wall_time": step * 1.0, "generated_tokens": step * tokens_per_step,
+               "train_reward": offset + 0.1 * step, "loss": 0.0, "kl": 0.0, "policy_lag": 0}
+        if step % 2 == 0:
+            row["eval_mean_at_16"] = offset + 0.01 * step
+        rows.append(row)
+    return rows
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """2 methods x 2 seeds; cispo seed 1 ends in a truncated line (a run killed mid-write)."""
+    dirs = []
+    for method, base in (("mcts", 0.1), ("cispo", 0.0)):
+        for seed in (0, 1):
+            d = tmp_path / f"{method}-s{seed}"
+            tail = '{"step": 5, "train_rew' if (method, seed) == ("cispo", 1) else ""
+            write_run(d, method, seed, rows_for(base + 0.02 * seed, 100 + 100 * seed), tail)
+            dirs.append(d)
+    return dirs
+
+
+def line(ax, label):
+    (found,) = [ln for ln in ax.get_lines() if ln.get_label() == label]
+    return found.get_xdata(), found.get_ydata()
+
+
+def test_eval_and_train_figures_hold_the_expected_series(runs, tmp_path):
+    with pytest.warns(UserWarning, match="malformed JSONL line"):
+        loaded = [plots.load_run(d) for d in runs]
+    assert [len(r["rows"]) for r in loaded] == [5, 5, 5, 5]  # the truncated line was skipped
+    fig = plots.eval_figure(loaded)
+    by_step, by_tokens = fig.axes[:2]
+    assert sorted(ln.get_label() for ln in by_step.get_lines()) == ["cispo", "mcts"]
+    # mean over seeds of offset + 0.01*step at eval steps 0, 2, 4 (seed offsets 0 and 0.02)
+    x, y = line(by_step, "mcts")
+    np.testing.assert_allclose(x, [0, 2, 4])
+    np.testing.assert_allclose(y, [0.11, 0.13, 0.15])
+    # by generated tokens: seed 0 makes 100 tokens/step, seed 1 200: the common range is
+    # [0, 400]; grid = union of both seeds' x there = {0, 200, 400, 800}∩[0,400] = 0, 200, 400.
+    x, y = line(by_tokens, "cispo")
+    np.testing.assert_allclose(x, [0, 200, 400])
+    # seed 0 at 200 tokens = step 2 -> 0.02; seed 1 at 200 tokens = step 1, interpolated
+    # between its eval points (0, 0.02) and (400, 0.04) -> 0.03; mean 0.025
+    np.testing.assert_allclose(y, [0.01, 0.025, 0.04])
+    # one min-max band per method and axis: seed 0 and seed 1 differ by 0.02 at step 0
+    assert len(by_step.collections) == 2
+    band = by_step.collections[0].get_paths()[0].vertices[:, 1]
+    assert band.min() == pytest.approx(0.0) and band.max() == pytest.approx(0.06)
+    png = plots.save(fig, tmp_path / "out" / "eval.png")
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+    fig = plots.train_figure(loaded)
+    x, y = line(fig.axes[0], "mcts")
+    np.testing.assert_allclose(x, range(5))
+    np.testing.assert_allclose(y, [0.11 + 0.1 * s for s in range(5)])
+
+
+def test_cli_writes_both_pngs(runs, tmp_path, capsys):
+    with pytest.warns(UserWarning):
+        plots.main([str(d) for d in runs] + ["--out", str(tmp_path / "figs")])
+    for name in ("eval_mean_at_16.png", "train_reward.png"):
+        assert (tmp_path / "figs" / name).stat().st_size > 1000
+
+
+def test_one_seed_draws_no_band(tmp_path):
+    write_run(tmp_path / "bon", "bon", 0, rows_for(0.0, 10))
+    fig = plots.train_figure([plots.load_run(tmp_path / "bon")])
+    assert [ln.get_label() for ln in fig.axes[0].get_lines()] == ["bon"]
+    assert not fig.axes[0].collections
+
+
+def test_missing_metrics_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        plots.load_run(tmp_path)
+
+
+TREE = {"problem": {"nums": [1, 2, 3, 5], "target": 11}, "text": "", "N": 6, "Q": 0.1,
+        "children": [
+            {"text": "1+2=3</step>", "N": 4, "Q": 0.5, "children": [
+                {"text": "3+3=6</step>", "N": 3, "Q": 0.7, "children": []},
+                {"text": "3*3=9</step>", "N": 1, "Q": -0.2, "children": []}]},
+            {"text": "5-3=2</step>", "N": 1, "Q": -0.6, "children": []},
+            {"text": "2*5=10</step>", "N": 0, "Q": 0.0, "children": []}]}
+
+
+def test_tree_figure_labels_every_node_and_scales_edges_by_visits(tmp_path):
+    fig = plots.tree_figure(TREE)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.texts]
+    assert len(labels) == 6  # one label per node
+    assert "root\nN=6" in labels and "1+2=3\nN=4" in labels
+    edges = ax.get_lines()
+    assert len(edges) == 5  # one per parent-child pair
+    widths = sorted(e.get_linewidth() for e in edges)
+    assert widths[0] == pytest.approx(0.5) and widths[-1] == pytest.approx(0.5 + 6 / 6 * 4)
+    colours = ax.collections[0].get_array()
+    np.testing.assert_allclose(sorted(colours), sorted([0.1, 0.5, 0.7, -0.2, -0.6, 0.0]))
+    # layered: leaves at consecutive x, a parent over the mean of its children
+    layout = {n["text"]: (x, d) for n, x, d, _ in plots.tree_layout(TREE)}
+    assert layout["3+3=6</step>"] == (0, 2) and layout["3*3=9</step>"] == (1, 2)
+    assert layout["1+2=3</step>"] == (0.5, 1) and layout[""] == (np.mean([0.5, 2, 3]), 0)
+    path = tmp_path / "tree.json"
+    path.write_text(json.dumps(TREE))
+    plots.main(["tree", str(path)])
+    assert path.with_suffix(".png").stat().st_size > 1000
+
+
+def test_budget_figure_one_line_per_method(tmp_path):
+    summary = {"checkpoint": "tiny", "search": [
+        {"method": m, "budget_tokens": b, "accuracy": acc, "ci95": 0.01}
+        for m, accs in (("none", (0.1, 0.1)), ("bon", (0.1, 0.2)), ("mcts", (0.15, 0.3)))
+        for b, acc in zip((256, 64), accs)]}
+    fig = plots.budget_figure(summary)
+    bars = {c.get_label(): c for c in fig.axes[0].containers}  # errorbar: one per method
+    assert sorted(bars) == ["bon", "mcts", "none"]
+    data_line = bars["mcts"].lines[0]
+    np.testing.assert_allclose(np.asarray(data_line.get_xdata(), float), [64, 256])  # sorted by budget
+    np.testing.assert_allclose(np.asarray(data_line.get_ydata(), float), [0.3, 0.15])
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(summary))
+    plots.main(["budget", str(path), "--out", str(tmp_path / "b.png")])
+    assert (tmp_path / "b.png").stat().st_size > 1000
+
+
+def test_short_label():
+    assert plots.short_label("12*13=156</step>", 8) == "12*13=1…"
+    assert plots.short_label("<answer>1+2</answer>", 30) == "<answer>1+2</answer>"
+    assert plots.short_label("1+2=3\n", 8) == "1+2=3"
