@@ -129,6 +129,9 @@ def budget_figure(summary: dict) -> Figure:
         ax.errorbar([r["budget_tokens"] for r in rows], [r["accuracy"] for r in rows],
                     yerr=[r["ci95"] for r in rows], marker="o", capsize=3, label=method)
     ax.set_xscale("log", base=2)
+    budgets = sorted({r["budget_tokens"] for r in summary["search"]})
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.minorticks_off()
     ax.set_xlabel("generated-token budget per problem")
     ax.set_ylabel("accuracy (sparse reward of the chosen answer)")
     ax.set_title(f"Test-time search at equal budget ({summary.get('checkpoint', '')})")
