@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import transformers
 import tyro
 from tqdm import tqdm
 
@@ -323,7 +324,7 @@ def work_item(train: list, order: torch.Tensor, args: Args, g: int, pos: int) ->
     return [train[order[i]] for i in idx]
 
 
-def generator(args: Args, sh: Shared, g: int) -> None:
+def generator(args: Args, sh: Shared, g: int, train: list) -> None:
     """Generator loop: sync weights if newer, produce trajectories, queue them."""
     import sampler as sampler_lib
     device = device_for(g)
@@ -332,7 +333,6 @@ def generator(args: Args, sh: Shared, g: int) -> None:
     pos = sh.data_pos[g]
     smp = sampler_lib.make_sampler(args.backend, policy, tokenizer, seed=args.seed * 1000 + g + 7919 * pos)
     tokens_before = sh.gen_tokens[g]
-    train, _ = countdown.make_splits()
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
     version = -1
     while not sh.stop.is_set():
@@ -343,7 +343,8 @@ def generator(args: Args, sh: Shared, g: int) -> None:
                 smp.load_weights(sh.weights)
             dt = time.perf_counter() - t0
             sh.gen_sync[g] += dt
-            event = {"event": "sync", "generator": g, "version": version, "seconds": round(dt, 4)}
+            event = {"event": "sync", "generator": g, "version": version, "seconds": round(dt, 4),
+                     "data_position": pos}
             if args.checksums:
                 event["checksum"] = weights_checksum(policy.state_dict())
             sh.log_q.put(event)
@@ -462,7 +463,8 @@ def load_trainer_state(ckpt: Path) -> dict:
     return torch.load(ckpt / "trainer_state.pt", weights_only=True)
 
 
-def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_start: float) -> None:
+def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_start: float,
+            test: list) -> None:
     """DDP trainer: rank 0 also publishes weights, evaluates, logs and checkpoints."""
     device = device_for(args.n_generators + rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -483,7 +485,6 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
         torch.set_rng_state(state["rng"]["torch"])
         step, wall0 = state["step"], state["wall_time"]
     torch.manual_seed(args.seed + 1000 * rank + step)
-    test = countdown.make_splits()[1][:args.eval_problems]
     per_rank = traj_per_step(args) // args.n_trainers
 
     def wall() -> float:
@@ -497,7 +498,7 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
         return {f"eval_mean_at_{args.eval_n}": r["mean_at_n"], "eval_ci95": r["ci95"],
                 "eval_format_rate": r["format_rate"], "eval_mean_len": r["mean_len"]}
 
-    if rank == 0:  # "before": the starting point of this run (or of the resumed segment)
+    if rank == 0 and not resume_ckpt:  # mean@16 "before"
         sh.log_q.put({"row": {"step": step, "wall_time": wall(), **evaluate()}})
     while step < args.steps:
         batch = []
@@ -552,6 +553,7 @@ def _child(name: str, fn, args: Args, sh: Shared, *rest) -> None:
     """Child entry point: its torch thread budget, no SIGINT (main stops us), errors -> main."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(args.torch_threads)
+    transformers.utils.logging.disable_progress_bar()
     sh.log_q.put({"event": "start", "process": name, "pid": os.getpid()})
     try:
         fn(args, sh, *rest)
@@ -568,23 +570,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _failure(procs: dict, sh: Shared, stopping: bool) -> str | None:
-    """The first child error (with its traceback), or a child that died without one."""
+def _failure(procs: dict, sh: Shared) -> str | None:
+    """The root cause of a failed run: a child killed by a signal (whose peers then fail on its
+    missing shared tensors), else the first reported traceback, else a silent non-zero exit."""
+    for name, p in procs.items():
+        if p.exitcode is not None and p.exitcode < 0:
+            return f"{name} died (killed by {signal.Signals(-p.exitcode).name})"
     try:
         name, tb = sh.err_q.get_nowait()
         return f"{name} failed:\n{tb.rstrip()}"
     except queue.Empty:
         pass
     for name, p in procs.items():
-        if p.exitcode is None or (p.exitcode == 0 and (stopping or name.startswith("trainer"))):
+        if p.exitcode is None or (p.exitcode == 0 and name.startswith("trainer")):
             continue
-        try:  # it may have raised and reported just before exiting
+        try:  # it may have reported just before exiting
             name, tb = sh.err_q.get(timeout=2.0)
             return f"{name} failed:\n{tb.rstrip()}"
         except queue.Empty:
-            how = (f"killed by {signal.Signals(-p.exitcode).name}" if p.exitcode < 0
-                   else f"exit code {p.exitcode}")
-            return f"{name} died ({how})"
+            return f"{name} exited early (exit code {p.exitcode})"
     return None
 
 
@@ -621,6 +625,7 @@ def run(args: Args) -> int:
     if args.dry_run:
         print(json.dumps(asdict(args), indent=2))
         return 0
+    transformers.utils.logging.disable_progress_bar()
     out = Path(args.out)
     state, resume_ckpt = None, ""
     if args.resume:
@@ -653,12 +658,13 @@ def run(args: Args) -> int:
         gen_tokens=ctx.Array("q", state["generated_tokens"] if state else [0] * G),
         gen_busy=ctx.Array("d", G), gen_wait=ctx.Array("d", G), gen_sync=ctx.Array("d", G))
     del policy
+    train, test = countdown.make_splits()  # fixed dataset; --seed changes order and sampling
     port, t_start = _free_port(), time.time()
-    procs = {f"generator-{g}": ctx.Process(target=_child, args=(f"generator-{g}", generator, args, sh, g))
-             for g in range(G)}
+    procs = {f"generator-{g}": ctx.Process(
+        target=_child, args=(f"generator-{g}", generator, args, sh, g, train)) for g in range(G)}
     procs.update({f"trainer-{r}": ctx.Process(
-        target=_child, args=(f"trainer-{r}", trainer, args, sh, r, port, resume_ckpt, t_start))
-        for r in range(args.n_trainers)})
+        target=_child, args=(f"trainer-{r}", trainer, args, sh, r, port, resume_ckpt, t_start,
+                             test[:args.eval_problems])) for r in range(args.n_trainers)})
     for p in procs.values():
         p.start()
 
@@ -668,7 +674,6 @@ def run(args: Args) -> int:
     except ImportError:
         writer = None
     eval_key = f"eval_mean_at_{args.eval_n}"
-    evals = []
     bar = tqdm(total=args.steps, initial=start_step, desc=f"{args.method} steps", unit="step")
     metrics, events = open(out / "metrics.jsonl", "a"), open(out / "events.jsonl", "a")  # noqa: SIM115
     try:
@@ -688,7 +693,6 @@ def run(args: Args) -> int:
                         if k != "step":
                             writer.add_scalar(k, v, row["step"])
                 if eval_key in row:
-                    evals.append(row)
                     tqdm.write(f"step {row['step']}: mean@{args.eval_n} {row[eval_key]:.2%} "
                                f"± {row['eval_ci95']:.2%}, format {row['eval_format_rate']:.1%}")
                 if "train_reward" in row:
@@ -698,7 +702,7 @@ def run(args: Args) -> int:
             elif msg is not None:
                 events.write(json.dumps({"wall_time": time.time() - t_start, **msg}) + "\n")
                 events.flush()
-            error = _failure(procs, sh, stopping=False)
+            error = _failure(procs, sh)
             if error:
                 bar.close()
                 print(f"train.py: error: {error}", file=sys.stderr)
@@ -716,6 +720,8 @@ def run(args: Args) -> int:
             writer.close()
     bar.close()
     _stop(procs, sh, grace=5.0)
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if eval_key in r]
     if len(evals) >= 2:
         first, last = evals[0], evals[-1]
         print(f"mean@{args.eval_n} on {args.eval_problems} test problems: step {first['step']} "

@@ -1,0 +1,284 @@
+"""train.py: pure helpers checked by hand, then short end-to-end runs of the process pipeline
+(generators -> queue -> DDP trainer -> weight sync) on the test-size tiny model."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_flags(model: str, out: Path, steps: int) -> list[str]:
+    """Everything tiny so a run takes seconds after start-up; every step publishes weights."""
+    return ["--model", model, "--out", str(out), "--steps", str(steps), "--batch-size", "2",
+            "--mcts-iterations", "4", "--mcts-workers", "2", "--mcts-k", "2",
+            "--max-step-tokens", "12", "--max-new-tokens", "32", "--prompts-per-call", "1",
+            "--cispo-groups", "1", "--group-size", "2", "--bon-n", "3", "--eval-problems", "2",
+            "--eval-n", "2", "--eval-every", "0", "--sync-every", "1", "--checkpoint-every", "2",
+            "--checksums"]
+
+
+def run_train(*flags: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *flags], check=False, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def trainer_state(run_dir: Path) -> dict:
+    return train.load_trainer_state(train.latest_checkpoint(run_dir))
+
+
+TRAIN_FIELDS = {"step", "wall_time", "generated_tokens", "train_reward", "policy_loss",
+                "value_loss", "kl", "policy_lag", "lr", "gen_busy_frac", "version"}
+
+
+def check_run(run_dir: Path, model: str, steps: int, method: str,
+              eval_steps: tuple[int, ...] = ()) -> list[dict]:
+    """Shared end-to-end checks: fields, eval rows, weights moved, generators got the weights."""
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    train_rows = [r for r in rows if "train_reward" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, steps + 1))
+    for r in train_rows:
+        assert TRAIN_FIELDS <= r.keys()
+        assert -1.0 <= r["train_reward"] <= 1.0 and r["policy_lag"] >= 0 and r["kl"] >= 0
+    tokens = [r["generated_tokens"] for r in train_rows]
+    assert tokens[0] > 0 and tokens == sorted(tokens)
+    evals = [r for r in rows if "eval_mean_at_2" in r]
+    assert [r["step"] for r in evals] == [0, *eval_steps, steps]  # before and after
+    assert all(0 <= r["eval_mean_at_2"] <= 1 and 0 <= r["eval_format_rate"] <= 1 for r in evals)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["method"] == method and config["seed"] == 0
+
+    # weights changed: the final checkpoint differs from the starting model, LM and value head
+    ckpt = train.latest_checkpoint(run_dir)
+    assert ckpt.name == f"step-{steps:06d}"
+    for name in ("model.safetensors", "value_head.safetensors"):
+        before, after = load_file(Path(model) / name), load_file(ckpt / name)
+        assert before.keys() == after.keys()
+        assert any(not torch.equal(before[k], after[k]) for k in before), name
+    state = train.load_trainer_state(ckpt)
+    assert state["step"] == steps
+    assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {float(steps)}
+
+    # weight sync: generators load newer versions, bit-identical to what rank 0 published
+    events = read_jsonl(run_dir / "events.jsonl")
+    published = {e["version"]: e["checksum"] for e in events if e["event"] == "publish"}
+    assert sorted(published) == list(range(1, steps + 1))  # --sync-every 1
+    syncs = [e for e in events if e["event"] == "sync"]
+    versions = [e["version"] for e in syncs]
+    assert versions == sorted(versions) and versions[0] == 0 and versions[-1] >= 1
+    for e in syncs[1:]:
+        assert e["checksum"] == published[e["version"]]
+    assert len(set(published.values())) == steps  # every step moved the weights
+    return rows
+
+
+# ------------------------------------------------------------------------------- pure helpers
+
+
+def test_collate_aligns_completion_tokens_by_hand():
+    a = {"prompt_ids": torch.tensor([5, 6, 7]), "tokens": torch.tensor([8, 9]),
+         "old_logprobs": torch.tensor([-0.5, -1.5]), "reward": torch.tensor(1.0),
+         "advantage": torch.tensor(float("nan")), "version": torch.tensor(3)}
+    b = {"prompt_ids": torch.tensor([5]), "tokens": torch.tensor([4, 3, 2]),
+         "old_logprobs": torch.tensor([-1.0, -2.0, -3.0]), "reward": torch.tensor(-1.0),
+         "advantage": torch.tensor(0.25), "version": torch.tensor(4)}
+    out = train.collate([a, b], pad_id=0)
+    assert out["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 4, 3, 2, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    # position t predicts input t+1: a's completion (8, 9) is predicted at positions 2, 3
+    assert out["mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]
+    assert out["old_logprobs"].tolist() == [[0, 0, -0.5, -1.5], [-1, -2, -3, 0]]
+    assert out["versions"].tolist() == [3, 4] and out["rewards"].tolist() == [1.0, -1.0]
+    assert torch.isnan(out["advantages"][0]) and out["advantages"][1] == 0.25
+
+
+def test_work_items_are_disjoint_and_deterministic():
+    args = train.Args(n_generators=2, prompts_per_call=2)
+    data = list(range(100))
+    order = list(range(100))[::-1]  # item i of the order is data[99 - i]
+    assert train.work_item(data, order, args, g=0, pos=0) == [99, 98]   # chunk 0
+    assert train.work_item(data, order, args, g=1, pos=0) == [97, 96]   # chunk 1
+    assert train.work_item(data, order, args, g=0, pos=1) == [95, 94]   # chunk 2
+    assert train.work_item(data, order, args, g=1, pos=24) == [1, 0]    # chunk 49, the last
+    assert train.work_item(data, order, args, g=0, pos=25) == [99, 98]  # wraps around
+
+
+def test_checksum_is_exact_and_order_independent():
+    sd = {"a": torch.zeros(3), "b": torch.ones(2, 2)}
+    same = {"b": torch.ones(2, 2), "a": torch.zeros(3)}
+    assert train.weights_checksum(sd) == train.weights_checksum(same)
+    nudged = {"a": torch.tensor([0.0, 0.0, 1e-30]), "b": torch.ones(2, 2)}
+    assert train.weights_checksum(sd) != train.weights_checksum(nudged)
+
+
+class _FakePolicy:
+    def save_pretrained(self, path, tokenizer=None):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "model.safetensors").write_text("weights")
+
+
+def test_checkpoint_pointer_survives_a_killed_writer(tmp_path):
+    train.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 4})
+    ckpts = tmp_path / "checkpoints"
+    # what a writer killed mid-save leaves behind: a half-written dir and pointer
+    (ckpts / "step-000006.tmp-999").mkdir()
+    (ckpts / "latest.tmp-999").write_text("step-000006\n")
+    assert train.latest_checkpoint(tmp_path) == ckpts / "step-000004"
+    assert train.load_trainer_state(ckpts / "step-000004")["step"] == 4
+    train.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 8})
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000008"]
+    assert train.latest_checkpoint(tmp_path) == ckpts / "step-000008"
+
+
+def test_no_checkpoint_is_a_one_line_error(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint to resume from"):
+        train.latest_checkpoint(tmp_path)
+
+
+def test_preset_gives_defaults_and_flags_override():
+    args = train.parse_args(["--preset", "blog", "--n-generators", "3"])
+    assert (args.n_generators, args.n_trainers, args.batch_size) == (3, 2, 32)
+    assert (args.cispo_groups, args.group_size, args.bon_n, args.eps_high) == (128, 16, 64, 5.0)
+    assert (args.mcts_workers, args.mcts_iterations, args.mcts_k) == (16, 100, 4)
+    assert (args.c_puct, args.c_kl, args.sync_every) == (0.5, 0.05, 8)
+    assert args.model == "Qwen/Qwen2.5-1.5B-Instruct" and args.backend == "vllm"
+    assert train.traj_per_step(train.replace(args, method="cispo")) == 128 * 16
+    assert train.parse_args([]) == train.Args()
+
+
+# ------------------------------------------------------------------------------- the CLI
+
+
+def test_blog_preset_dry_run_prints_config_without_starting(tmp_path):
+    out = tmp_path / "run"
+    r = run_train("--preset", "blog", "--dry-run", "--out", str(out), timeout=120)
+    assert r.returncode == 0, r.stderr
+    config = json.loads(r.stdout)
+    assert config["n_generators"] == 6 and config["n_trainers"] == 2
+    assert config["mcts_iterations"] == 100 and config["preset"] == "blog"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "7", "--n-trainers", "2"], "not divisible by --n-trainers 2"),
+    (["--method", "cispo", "--group-size", "1"], "--group-size >= 2"),
+    (["--preset", "blog", "--dry-run", "--method", "cispo", "--n-trainers", "3"],
+     "cispo_groups x group_size = 2048 is not divisible"),
+    (["--steps", "0"], "--steps must be >= 1"),
+])
+def test_invalid_combination_is_one_line_error(flags, message):
+    with pytest.raises(SystemExit) as e:
+        train.check_args(train.parse_args(flags))
+    assert str(e.value).startswith("train.py: error: ") and "\n" not in str(e.value)
+    assert message in str(e.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the blog preset may run on a GPU box")
+def test_blog_preset_needs_dry_run_on_cpu():
+    r = run_train("--preset", "blog", timeout=120)
+    assert r.returncode != 0 and "--dry-run" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+# ------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.timeout(300)
+def test_mcts_end_to_end(tiny_test_model, tmp_path):
+    out = tmp_path / "mcts"
+    r = run_train(*small_flags(str(tiny_test_model), out, steps=3))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "mean@2 on 2 test problems" in r.stdout
+    check_run(out, str(tiny_test_model), 3, "mcts")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_cispo_end_to_end(tiny_test_model, tmp_path):
+    out = tmp_path / "cispo"
+    r = run_train(*small_flags(str(tiny_test_model), out, steps=2), "--method", "cispo")
+    assert r.returncode == 0, r.stderr[-3000:]
+    check_run(out, str(tiny_test_model), 2, "cispo")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_bon_resume_restores_step_optimizer_and_data_position(tiny_test_model, tmp_path):
+    out = tmp_path / "bon"
+    flags = [*small_flags(str(tiny_test_model), out, steps=2), "--method", "bon"]
+    r = run_train(*flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = trainer_state(out)
+    assert saved["step"] == 2 and saved["data_position"][0] >= 1
+    n_events = len(read_jsonl(out / "events.jsonl"))
+
+    r = run_train(*small_flags(str(tiny_test_model), out, steps=4), "--method", "bon",
+                  "--resume", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    check_run(out, str(tiny_test_model), 4, "bon", eval_steps=(2,))  # 2: end of the first run
+    final = trainer_state(out)
+    # AdamW's per-parameter step counters went on from 2 (a fresh optimizer would show 2)
+    assert {float(s["step"]) for s in final["optimizer"]["state"].values()} == {4.0}
+    # the resumed generator starts at the saved data position, not at 0
+    resumed = read_jsonl(out / "events.jsonl")[n_events:]
+    first_sync = next(e for e in resumed if e["event"] == "sync")
+    assert first_sync["data_position"] == saved["data_position"][0]
+    assert final["data_position"][0] > saved["data_position"][0]
+    assert final["generated_tokens"][0] > saved["generated_tokens"][0]
+
+
+@pytest.mark.timeout(240)
+def test_raising_generator_stops_the_run_with_its_traceback(tiny_test_model, tmp_path):
+    r = run_train(*small_flags(str(tiny_test_model), tmp_path / "fail", steps=50),
+                  "--debug-fail-at", "1")
+    assert r.returncode == 1
+    assert "generator-0 failed" in r.stderr and "RuntimeError: debug_fail_at" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_killed_generator_exits_nonzero_within_30s(tiny_test_model, tmp_path):
+    out = tmp_path / "kill"
+    proc = subprocess.Popen([sys.executable, "train.py", *small_flags(str(tiny_test_model), out, 500)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pid = None
+        deadline = time.time() + 200
+        while time.time() < deadline and proc.poll() is None:  # wait until training runs
+            rows = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+            if any("train_reward" in r for r in rows):
+                pid = next(e["pid"] for e in read_jsonl(out / "events.jsonl")
+                           if e.get("process") == "generator-0")
+                break
+            time.sleep(0.5)
+        assert pid is not None, "training never started"
+        os.kill(pid, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    assert "generator-0 died (killed by SIGKILL)" in stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_nan_loss_stops_the_run(tiny_test_model, tmp_path):
+    # lr 1e30: the first AdamW step blows the weights up, the next loss is not finite
+    r = run_train(*small_flags(str(tiny_test_model), tmp_path / "nan", steps=20),
+                  "--lr", "1e30", "--sync-every", "1000")
+    assert r.returncode == 1
+    assert "trainer-0 failed" in r.stderr and "non-finite loss" in r.stderr
