@@ -15,6 +15,7 @@ Process layout (spawn context):
 """
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -40,6 +41,8 @@ from tqdm import tqdm
 import countdown
 import eval as evaluation
 import losses
+import mcts
+import sampler as sampler_lib
 from value_head import PolicyWithValue, load_policy
 
 
@@ -233,7 +236,6 @@ def share_weights(policy: PolicyWithValue) -> dict[str, torch.Tensor]:
 def weights_checksum(state_dict: dict[str, torch.Tensor]) -> str:
     """Order-independent exact fingerprint of a state dict, to check that a sync delivered the
     trainer's weights bit for bit."""
-    import hashlib
     h = hashlib.blake2b(digest_size=16)
     for k in sorted(state_dict):
         h.update(k.encode())
@@ -279,7 +281,6 @@ def trajectory(prompt_ids, tokens, logprobs, reward: float, advantage: float, ve
 
 def mcts_trajectories(problems, sampler, args: Args, version: int) -> list[dict]:
     """Blog's method: parallel MCTS over reasoning steps, then greedy selection of one trajectory."""
-    import mcts
     cfg = mcts.MCTSConfig(workers=args.mcts_workers, iterations=args.mcts_iterations, k=args.mcts_k,
                           c_puct=args.c_puct, temperature=args.temperature,
                           max_step_tokens=args.max_step_tokens, max_total_tokens=args.max_new_tokens,
@@ -317,7 +318,7 @@ def bon_trajectories(problems, sampler, args: Args, version: int) -> list[dict]:
 PRODUCERS = {"mcts": mcts_trajectories, "cispo": cispo_trajectories, "bon": bon_trajectories}
 
 
-def work_item(train: list, order: torch.Tensor, args: Args, g: int, pos: int) -> list:
+def work_item(train: list, order: list[int], args: Args, g: int, pos: int) -> list:
     """Deterministic data position: generator g's pos-th call takes global chunk pos * Ng + g."""
     chunk = pos * args.n_generators + g
     idx = [(chunk * args.prompts_per_call + j) % len(train) for j in range(args.prompts_per_call)]
@@ -326,7 +327,6 @@ def work_item(train: list, order: torch.Tensor, args: Args, g: int, pos: int) ->
 
 def generator(args: Args, sh: Shared, g: int, train: list) -> None:
     """Generator loop: sync weights if newer, produce trajectories, queue them."""
-    import sampler as sampler_lib
     device = device_for(g)
     policy, tokenizer = load_policy(args.model)
     policy.to(device)
@@ -491,7 +491,6 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
         return wall0 + time.time() - t_start
 
     def evaluate() -> dict:
-        import sampler as sampler_lib
         smp = sampler_lib.make_sampler("torch", policy, tokenizer, seed=args.seed + step)
         r = evaluation.evaluate(smp, test, n=args.eval_n, temperature=args.eval_temperature,
                                 max_new_tokens=args.max_new_tokens, progress=False)
@@ -530,7 +529,8 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
                         "policy_lag_max", "clip_frac", "grad_norm"], local.tolist()))
         row.update(step=step, wall_time=wall(), generated_tokens=sum(sh.gen_tokens[:]),
                    lr=opt.param_groups[0]["lr"], version=sh.version.value,
-                   gen_busy_frac=busy / max(busy + waited + synced, 1e-9))
+                   gen_busy_frac=busy / max(busy + waited + synced, 1e-9),
+                   gen_busy_s=busy, gen_wait_s=waited, gen_sync_s=synced)
         if step == args.steps or (args.eval_every and step % args.eval_every == 0):
             row.update(evaluate())
         sh.log_q.put({"row": row})
