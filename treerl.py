@@ -108,12 +108,12 @@ def walk(segment: Segment, prefix: tuple[int, ...] = ()):
 def forking_points(tree: Segment, n: int) -> list[tuple[Segment, int, list[int]]]:
     """EPTree's Top-N: the n forkable tokens of one response tree with the highest entropy
     -log pi(y_t); -> (segment, position, completion prefix before the forking token)."""
-    candidates = [(lp, order, seg, i, list(prefix) + seg.tokens[:i])
+    candidates = [(lp, order, seg, i, prefix)
                   for order, (seg, prefix) in enumerate(walk(tree))
                   for i, (lp, ok) in enumerate(zip(seg.logprobs, seg.forkable)) if ok]
     # lowest logprob = highest entropy first; ties: earlier segment, then earlier position (stable)
     candidates.sort(key=lambda c: c[:2])
-    return [(seg, i, prefix) for _, _, seg, i, prefix in candidates[:n]]
+    return [(seg, i, [*prefix, *seg.tokens[:i]]) for _, _, seg, i, prefix in candidates[:n]]
 
 
 def fork(segment: Segment, index: int, branches: list[Segment]) -> None:
