@@ -57,11 +57,6 @@ def left_pad(sequences: list[list[int]], device: torch.device) -> tuple[Tensor, 
     return ids, pos.clamp(min=0), pos >= 0
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """Qwen2RMSNorm: normalise in float32, scale in the model's dtype."""
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
-
-
 class Qwen2Decoder:
     """Qwen2 forward over the HF module's weights: RMSNorm, RoPE, GQA attention with q/k/v biases,
     SwiGLU MLP, tied or untied lm_head; a preallocated KV cache [layers, 2, B, kv_heads, T, d].
@@ -102,26 +97,36 @@ class Qwen2Decoder:
                 a, mlp = layer.self_attn, layer.mlp
                 biases = [p.bias if p.bias is not None else torch.zeros_like(p.weight[:, 0])
                           for p in (a.q_proj, a.k_proj, a.v_proj)]
-                self.layers.append((
+                self.layers.append((  # o and down are transposed views for addmm (residual add)
                     layer.input_layernorm.weight,
                     torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-                    torch.cat(biases), a.o_proj.weight, layer.post_attention_layernorm.weight,
-                    torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), mlp.down_proj.weight,
+                    torch.cat(biases), a.o_proj.weight.t(), layer.post_attention_layernorm.weight,
+                    torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), mlp.down_proj.weight.t(),
                 ))
         self.cos = None  # the RoPE table follows the weights' dtype/device
         self._source = key
 
     def _rope_table(self, length: int) -> None:
-        """cos and sign-folded sin for positions < length, from the HF rotary module itself
-        (so every rope_type / scaling it supports is honoured)."""
+        """cos and sign-folded sin [position, q+k+v heads, d] from the HF rotary module itself (so
+        every rope_type / scaling it supports is honoured); v heads get cos 1, sin 0, so one
+        rotation covers the whole qkv output and k, v reach the cache in one copy."""
         if self.cos is not None and self.cos.shape[0] >= length:
             return
         length = max(length, 2 * (0 if self.cos is None else self.cos.shape[0]), 256)
         pos = torch.arange(length, device=self.embed.device)[None]
         cos, sin = self.lm.model.rotary_emb(self.embed[:1], pos)
-        half = self.head_dim // 2
+        cos, sin, half = cos[0, :, None], sin[0, :, None], self.head_dim // 2
         # rotate_half(x) * sin == x.roll(half) * [-sin[:half], sin[half:]]
-        self.cos, self.sin = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1)
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
+        qk, v = self.n_heads + self.n_kv, (length, self.n_kv, self.head_dim)
+        self.cos = torch.cat([cos.expand(-1, qk, -1), cos.new_ones(v)], 1)
+        self.sin = torch.cat([sin.expand(-1, qk, -1), sin.new_zeros(v)], 1)
+
+    def _norm(self, x: Tensor, weight: Tensor) -> Tensor:
+        """Qwen2RMSNorm: normalise in float32, scale in the model's dtype (one op in float32)."""
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+        return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def prefill(self, ids: Tensor, pos: Tensor, valid: Tensor, max_len: int
                 ) -> tuple[Tensor, Tensor]:
@@ -158,27 +163,24 @@ class Qwen2Decoder:
     def _forward(self, x: Tensor, pos: Tensor, mask: Tensor | None) -> Tensor:
         """x, pos [B, T] -> final-norm hidden [B, T, H]; writes the KV cache at columns col..col+T."""
         B, T = x.shape
-        nh, nkv, d, g = self.n_heads, self.n_kv, self.head_dim, self.group
-        col, half = self.col, self.head_dim // 2
-        cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # [B, T, 1, d]
-        h = F.embedding(x, self.embed)
-        for i, (w_in, w_qkv, b_qkv, w_o, w_post, w_gu, w_down) in enumerate(self.layers):
-            qkv = F.linear(rms_norm(h, w_in, self.eps), w_qkv, b_qkv).view(B, T, nh + 2 * nkv, d)
-            qk = qkv[:, :, : nh + nkv]
-            qk = qk * cos + qk.roll(half, -1) * sin  # RoPE on q and k heads in one go
-            keys, values = self.cache[i, 0], self.cache[i, 1]
-            keys[:, :, col: col + T] = qk[:, :, nh:].transpose(1, 2)
-            values[:, :, col: col + T] = qkv[:, :, nh + nkv:].transpose(1, 2)
+        nh, nkv, d, g, col = self.n_heads, self.n_kv, self.head_dim, self.group, self.col
+        cos, sin = self.cos[pos], self.sin[pos]  # [B, T, heads, d]
+        h = F.embedding(x.view(-1), self.embed)  # [B*T, H]: matmuls run on 2-D activations
+        for i, (w_in, w_qkv, b_qkv, w_o_t, w_post, w_gu, w_down_t) in enumerate(self.layers):
+            qkv = F.linear(self._norm(h, w_in), w_qkv, b_qkv).view(B, T, nh + 2 * nkv, d)
+            qkv = qkv * cos + qkv.roll(d // 2, -1) * sin  # RoPE on q and k (v: cos 1, sin 0)
+            cache = self.cache[i]
+            cache[:, :, :, col: col + T] = qkv[:, :, nh:].view(B, T, 2, nkv, d).permute(2, 0, 3, 1, 4)
             # GQA: the g query heads of a kv head become g*T query rows of that kv head
-            q = qk[:, :, :nh].reshape(B, T, nkv, g, d).permute(0, 2, 3, 1, 4).reshape(B, nkv, g * T, d)
-            o = F.scaled_dot_product_attention(q, keys[:, :, : col + T], values[:, :, : col + T],
+            q = qkv[:, :, :nh].reshape(B, T, nkv, g, d).permute(0, 2, 3, 1, 4).reshape(B, nkv, g * T, d)
+            o = F.scaled_dot_product_attention(q, cache[0, :, :, : col + T], cache[1, :, :, : col + T],
                                                attn_mask=mask)
-            o = o.view(B, nkv, g, T, d).permute(0, 3, 1, 2, 4).reshape(B, T, nh * d)
-            h = h + F.linear(o, w_o)
-            gate, up = F.linear(rms_norm(h, w_post, self.eps), w_gu).chunk(2, -1)
-            h = h + F.linear(F.silu(gate) * up, w_down)
+            o = o.view(B, nkv, g, T, d).permute(0, 3, 1, 2, 4).reshape(B * T, nh * d)
+            h = torch.addmm(h, o, w_o_t)
+            gate, up = F.linear(self._norm(h, w_post), w_gu).chunk(2, -1)
+            h = torch.addmm(h, F.silu(gate) * up, w_down_t)
         self.col = col + T
-        return rms_norm(h, self.norm, self.eps)
+        return self._norm(h, self.norm).view(B, T, -1)
 
 
 class HFDecoder:
@@ -212,12 +214,13 @@ class HFDecoder:
 class TorchSampler:
     """Batched KV-cache sampler on the policy in this process (backend "torch")."""
 
-    def __init__(self, policy: PolicyWithValue, tokenizer, seed: int = 0):
+    def __init__(self, policy: PolicyWithValue, tokenizer, seed: int = 0, fast: bool = True):
+        """fast=False runs the HF module step by step even for Qwen2 (a reference / benchmark)."""
         self.policy, self.tokenizer = policy, tokenizer
         lm = policy.lm
         self.device = next(lm.parameters()).device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.decoder = Qwen2Decoder(lm) if Qwen2Decoder.supports(lm) else HFDecoder(lm)
+        self.decoder = Qwen2Decoder(lm) if fast and Qwen2Decoder.supports(lm) else HFDecoder(lm)
         self.tokens_generated = 0  # sampled tokens, for budgets and logging
         self.forward_tokens = 0  # tokens pushed through the model (each prompt once, no padding)
         self.vocab_size = lm.get_output_embeddings().weight.shape[0]
