@@ -14,7 +14,8 @@ Interpretation choices (the README repeats them):
 - Virtual loss is "value added to visit counts" (blog table, author's code): a selecting worker
   adds 1 to N of every node on its path, Q = W / (N + VL), removed on backup. The exploration
   term always drops; Q is pulled towards 0, which repels from a branch with W > 0 but draws to
-  one with W < 0 (a "loss" added to W as well would not; we follow the blog and the author).
+  one with W < 0. `virtual_value` < 0 also counts each virtual visit as that value (classic
+  virtual loss); default 0 follows the blog and the author.
 - Workers are batched rounds: each round every tree's workers select in turn, then all pending
   leaves of all trees are expanded in ONE sampler call. A worker landing on a leaf already
   pending this round is a collision: it holds its virtual loss until the round's backup (as an
@@ -48,6 +49,8 @@ class MCTSConfig:
     k: int = 4  # completions sampled per expanded leaf (blog: "Completions per Node (K)")
     c_puct: float = 0.5  # pUCT exploration coefficient (blog: "cpuct")
     virtual_loss: int = 1  # added to N along a selected path until backup (blog: "Virtual Loss")
+    virtual_value: float = 0.0  # value each virtual visit counts with: 0 = blog/author (visits
+    #                             only); -1 = classic "loss", fewer collisions when values are < 0
     temperature: float = 1.0  # sampling temperature; 1.0 samples the raw policy whose logprobs
     #                           we record (author's code: 0.8)
     max_step_tokens: int = 64  # cap on one step; a step cut there is terminal (author's code: 64)
@@ -71,6 +74,7 @@ class Node:
     N: int = 0  # visit count
     W: float = 0.0  # sum of backed-up values
     vloss: int = 0  # virtual loss of the workers whose selection is in flight through here
+    vvalue: float = 0.0  # their virtual value (MCTSConfig.virtual_value per unit of vloss)
     terminal: bool = False  # answer closed, EOS, or a length cap
     finish_reason: str = ""  # the sampler's: "step", "answer", "eos" or "length"
     reward: float | None = None  # dense reward of the completion ending here (terminal nodes)
@@ -82,7 +86,7 @@ class Node:
     def q(self) -> float:
         """Mean value with virtual loss counted as visits; 0 for an unvisited node."""
         n = self.N + self.vloss
-        return self.W / n if n else 0.0
+        return (self.W + self.vvalue) / n if n else 0.0
 
     def path(self) -> list[Node]:
         """Nodes from the root to this one."""
@@ -114,16 +118,25 @@ def puct_score(q: float, prior: float, parent_visits: float, child_visits: float
 
 def select_leaf(root: Node, cfg: MCTSConfig) -> list[Node]:
     """Descend by pUCT to a leaf, adding virtual loss along the path so parallel workers diverge."""
-    node = root
-    node.vloss += cfg.virtual_loss
-    path = [node]
-    while node.children:
-        parent_visits = node.N + node.vloss
-        node = max(node.children, key=lambda c: puct_score(
-            c.q, c.prior, parent_visits, c.N + c.vloss, cfg.c_puct))
-        node.vloss += cfg.virtual_loss
-        path.append(node)
+    path = [root]
+    _add_virtual_loss(root, cfg)
+    while path[-1].children:
+        parent_visits = path[-1].N + path[-1].vloss
+        path.append(max(path[-1].children, key=lambda c: puct_score(
+            c.q, c.prior, parent_visits, c.N + c.vloss, cfg.c_puct)))
+        _add_virtual_loss(path[-1], cfg)
     return path
+
+
+def _add_virtual_loss(node: Node, cfg: MCTSConfig) -> None:
+    node.vloss += cfg.virtual_loss
+    node.vvalue += cfg.virtual_loss * cfg.virtual_value
+
+
+def _remove_virtual_loss(path: list[Node], cfg: MCTSConfig) -> None:
+    for node in path:
+        node.vloss -= cfg.virtual_loss
+        node.vvalue = node.vvalue - cfg.virtual_loss * cfg.virtual_value if node.vloss else 0.0
 
 
 def expand(leaf: Node, completions: list, problem: countdown.Problem, cfg: MCTSConfig) -> None:
@@ -161,17 +174,12 @@ def evaluate(node: Node, cfg: MCTSConfig) -> float:
     return node.value
 
 
-def backup(path: list[Node], value: float, virtual_loss: int) -> None:
+def backup(path: list[Node], value: float, cfg: MCTSConfig) -> None:
     """N += 1 and W += value from the root to the evaluated leaf; the worker's virtual loss goes."""
+    _remove_virtual_loss(path, cfg)
     for node in path:
         node.N += 1
         node.W += value
-        node.vloss -= virtual_loss
-
-
-def _drop_virtual_loss(path: list[Node], virtual_loss: int) -> None:
-    for node in path:
-        node.vloss -= virtual_loss
 
 
 def _nodes(root: Node) -> list[Node]:
@@ -269,7 +277,7 @@ def search(problems: list[countdown.Problem], sampler, cfg: MCTSConfig | None = 
                 path = select_leaf(root, cfg)
                 leaf = path[-1]
                 if leaf.terminal:  # nothing to expand: back up its evaluation at once
-                    backup(path, evaluate(leaf, cfg), cfg.virtual_loss)
+                    backup(path, evaluate(leaf, cfg), cfg)
                     stats[t]["terminal_backups"] += 1
                 elif id(leaf) in in_round:
                     waiting.append(path)
@@ -284,11 +292,11 @@ def search(problems: list[countdown.Problem], sampler, cfg: MCTSConfig | None = 
                             stop=(STEP_END, ANSWER_CLOSE), want_values=True)
             for (t, path), completions in zip(pending, outs):
                 expand(path[-1], completions, problems[t], cfg)
-                backup(path, evaluate(path[-1], cfg), cfg.virtual_loss)
+                backup(path, evaluate(path[-1], cfg), cfg)
                 stats[t]["expansions"] += 1
                 stats[t]["nodes"] += len(path[-1].children)
         for path in waiting:
-            _drop_virtual_loss(path, cfg.virtual_loss)
+            _remove_virtual_loss(path, cfg)
 
     paths = [greedy_select(root, cfg.select) for root in roots]
     # A path that stops at a non-terminal node is finished by one policy rollout to the answer.

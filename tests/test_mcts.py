@@ -140,6 +140,17 @@ def test_select_picks_hand_computed_child_and_virtual_loss_moves_the_next_worker
     assert (root.vloss, a.vloss, b.vloss, c.vloss) == (2, 1, 1, 0)
 
 
+def test_virtual_value_counts_each_virtual_visit_as_a_loss():
+    cfg = MCTSConfig(virtual_value=-1.0)
+    root = Node(N=3, W=0.3)
+    b = child(root, N=1, W=0.3)
+    path = select_leaf(root, cfg)
+    assert path == [root, b] and b.q == pytest.approx((0.3 - 1) / (1 + 1))
+    backup(path, 0.5, cfg)
+    assert (b.N, b.W, b.vloss, b.vvalue) == (2, pytest.approx(0.8), 0, 0.0)
+    assert root.q == pytest.approx(0.8 / 4)
+
+
 def test_sixteen_workers_select_sixteen_distinct_leaves_and_virtual_loss_is_removed():
     root = Node(N=5, W=1.0)
     leaves = []
@@ -151,7 +162,7 @@ def test_sixteen_workers_select_sixteen_distinct_leaves_and_virtual_loss_is_remo
     assert {id(p[-1]) for p in paths} == {id(leaf) for leaf in leaves}
     assert root.vloss == 16 and all(c.vloss == 4 for c in root.children)
     for p in paths:
-        backup(p, 0.1, cfg.virtual_loss)
+        backup(p, 0.1, cfg)
     assert all(n.vloss == 0 for n in all_nodes(root))
     assert root.N == 5 + 16 and root.W == pytest.approx(1.0 + 1.6)
     assert all(c.N == 5 and c.W == pytest.approx(0.2 + 0.4) for c in root.children)
