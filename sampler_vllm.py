@@ -39,12 +39,14 @@ from torch import Tensor
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.platforms import current_platform
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
 from countdown import ANSWER_CLOSE, STEP_END
 from sampler import Completion, TorchSampler
 from value_head import VALUE_HEAD_FILE, PolicyWithValue
 
 BLOCK_SIZE = 32  # prefix-cache granularity in tokens (the CPU attention kernel's minimum)
+CPU_HEAD_SIZES = CPUAttentionBackend.get_supported_head_sizes()  # 32, 64, 80, ... (not 16)
 PREFIX_METRICS = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits")
 
 
@@ -61,6 +63,12 @@ class VLLMSampler:
                  threads: int | None = None, **engine_kw):
         """model_dir must hold the policy's current LM weights (saved by save_pretrained);
         engine_kw go to vllm.LLM (e.g. gpu_memory_utilization when a trainer shares the GPU)."""
+        text_cfg = policy.lm.config.get_text_config()
+        head_dim = getattr(text_cfg, "head_dim", None) or (
+            text_cfg.hidden_size // text_cfg.num_attention_heads)
+        if current_platform.is_cpu() and head_dim not in CPU_HEAD_SIZES:
+            raise ValueError(f"vLLM's CPU attention takes head_dim in {CPU_HEAD_SIZES}; this "
+                             f"model has {head_dim}: use --backend torch for it")
         self.policy, self.tokenizer = policy, tokenizer
         self.torch = TorchSampler(policy, tokenizer, seed=seed)  # values + the torch-side weights
         self.tokens_generated = 0
@@ -79,7 +87,7 @@ class VLLMSampler:
                     (Path(self.engine_dir) / entry.name).symlink_to(entry)
         threads = threads or torch.get_num_threads()
         set_num_threads = torch.set_num_threads  # vLLM's CPU worker replaces it with a no-op
-        positions = policy.lm.config.get_text_config().max_position_embeddings
+        positions = text_cfg.max_position_embeddings
         kw = {"dtype": str(next(policy.lm.parameters()).dtype).removeprefix("torch."),
               "max_model_len": min(max_model_len, positions), "seed": seed,
               "enable_prefix_caching": True, "block_size": BLOCK_SIZE,
