@@ -72,11 +72,11 @@ class Args:
     """divide CISPO group advantages by the group std (GRPO) instead of mean-centring only (Dr. GRPO)"""
     bon_n: int = 64
     """best-of-N: samples per prompt, the best by dense reward is trained on (blog: N = 64)"""
-    prompts_per_call: int = 2
+    prompts_per_call: int = 4
     """prompts a generator handles per batched call (MCTS trees searched together, CISPO groups, BoN prompts)"""
     mcts_workers: int = 16
     """parallel MCTS agents sharing one tree with virtual loss (blog: 16)"""
-    mcts_iterations: int = 16
+    mcts_iterations: int = 64
     """MCTS iterations per tree, M (blog: 100)"""
     mcts_k: int = 4
     """completions per expanded leaf, K (blog: 4)"""
@@ -104,23 +104,25 @@ class Args:
     """value loss weight c_value (blog: 1.0)"""
     c_kl: float = 0.05
     """k3 KL(pi_theta || pi_ref) weight c_KL (blog: 0.05)"""
-    lr: float = 1e-4
+    lr: float = 3e-4
     """AdamW learning rate (blog author's code: 5e-6 for the 1.5B model)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient norm clipping (blog author's code: 0.1)"""
-    steps: int = 60
-    """optimizer steps to train for"""
-    eval_every: int = 30
+    steps: int = 100000
+    """optimizer steps to train for (the CPU default is bounded by --time-limit-min instead)"""
+    time_limit_min: float = 15.0
+    """stop training at the first step after this many minutes from launch, then eval and checkpoint (0: no limit)"""
+    eval_every: int = 100
     """evaluate mean@n every this many steps (also before the first and after the last step); 0: only those two"""
-    eval_problems: int = 100
+    eval_problems: int = 200
     """size of the fixed eval subset (the first problems of the test split; blog: all 820)"""
     eval_n: int = 16
     """samples per eval problem: mean@16 (blog)"""
     eval_temperature: float = 1.0
     """sampling temperature for eval"""
-    checkpoint_every: int = 50
+    checkpoint_every: int = 100
     """write a checkpoint every this many steps (and at the end)"""
     out: str = ""
     """run directory (default runs/<method>-seed<seed>)"""
@@ -145,7 +147,8 @@ BLOG_PRESET = {
     "mcts_iterations": 100, "mcts_k": 4, "c_puct": 0.5, "sync_every": 8, "eps_high": 5.0,
     "c_ppo": 1.0, "c_value": 1.0, "c_kl": 0.05, "lr": 5e-6, "max_grad_norm": 0.1,
     "max_new_tokens": 512, "max_step_tokens": 64, "temperature": 0.8, "prompts_per_call": 4,
-    "steps": 2048, "eval_every": 64, "eval_problems": 820, "eval_n": 16, "checkpoint_every": 64,
+    "steps": 2048, "time_limit_min": 0.0, "eval_every": 64, "eval_problems": 820, "eval_n": 16,
+    "checkpoint_every": 64,
 }
 PRESETS = {"none": {}, "blog": BLOG_PRESET}
 
@@ -179,6 +182,8 @@ def check_args(args: Args) -> None:
                  "checkpoint_every", "torch_threads"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.time_limit_min < 0:
+        fail(f"--time-limit-min must be >= 0, got {args.time_limit_min}")
     if args.eval_every < 0:
         fail(f"--eval-every must be >= 0, got {args.eval_every}")
     if args.method == "cispo" and args.group_size < 2:
@@ -499,7 +504,8 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
 
     if rank == 0 and not resume_ckpt:  # mean@16 "before"
         sh.log_q.put({"row": {"step": step, "wall_time": wall(), **evaluate()}})
-    while step < args.steps:
+    last = False
+    while not last:
         batch = []
         while len(batch) < per_rank:  # timeouts keep us responsive to stop requests
             try:
@@ -510,12 +516,14 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
         data = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
         stats = train_step(model, ref, opt, data, args)
         lag = (step - data["versions"]).float()  # trainer version - version that generated it
+        time_up = rank == 0 and 0 < args.time_limit_min * 60 <= time.time() - t_start
         local = torch.tensor([data["rewards"].mean().item(), stats["policy_loss"], stats["value_loss"],
                               stats["kl"], lag.mean().item(), lag.max().item(), stats["clip_frac"],
-                              stats["grad_norm"]], device=device)
-        dist.all_reduce(local)
+                              stats["grad_norm"], float(time_up)], device=device)
+        dist.all_reduce(local)  # global-batch means for logging; rank 0's time_up reaches all ranks
         local /= args.n_trainers
         step += 1
+        last = step == args.steps or local[-1].item() > 0
         if rank != 0:
             continue
         if step % args.sync_every == 0:
@@ -526,15 +534,15 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
             sh.log_q.put(event)
         busy, waited, synced = (sum(a[:]) for a in (sh.gen_busy, sh.gen_wait, sh.gen_sync))
         row = dict(zip(["train_reward", "policy_loss", "value_loss", "kl", "policy_lag",
-                        "policy_lag_max", "clip_frac", "grad_norm"], local.tolist()))
+                        "policy_lag_max", "clip_frac", "grad_norm"], local[:-1].tolist()))
         row.update(step=step, wall_time=wall(), generated_tokens=sum(sh.gen_tokens[:]),
                    lr=opt.param_groups[0]["lr"], version=sh.version.value,
                    gen_busy_frac=busy / max(busy + waited + synced, 1e-9),
                    gen_busy_s=busy, gen_wait_s=waited, gen_sync_s=synced)
-        if step == args.steps or (args.eval_every and step % args.eval_every == 0):
+        if last or (args.eval_every and step % args.eval_every == 0):
             row.update(evaluate())
         sh.log_q.put({"row": row})
-        if step == args.steps or step % args.checkpoint_every == 0:
+        if last or step % args.checkpoint_every == 0:
             state = {"step": step, "optimizer": opt.state_dict(), "wall_time": wall(),
                      "rng": {"torch": torch.get_rng_state()}, "data_position": list(sh.data_pos[:]),
                      "generated_tokens": list(sh.gen_tokens[:]), "n_generators": args.n_generators}
