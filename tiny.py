@@ -1,0 +1,224 @@
+"""The embedded tiny default model: a character-level Qwen2 warm-started on solver traces.
+
+It plays the blog's "pre-RL instruct model" (Qwen-2.5-1.5B-Instruct, mean@16 = 3.1%): well
+formatted but weak, so RL has room to show learning. No hub, no download: built on this box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import math
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+
+import countdown
+from value_head import PolicyWithValue, seeded_value_head
+
+CACHE_VERSION = "tiny-v1"  # bump when the recipe changes: ensure_tiny then builds a fresh copy
+
+PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+STEP_TOKENS = ("</step>", "<answer>", "</answer>")  # = countdown.STEP_END, ANSWER_OPEN, ANSWER_CLOSE
+CHARS = ["\n"] + [chr(c) for c in range(32, 127)]  # newline + printable ASCII
+# Qwen-Instruct's template without its default system prompt: the prompt path is the same.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Character-level tokenizer; the step tags are single *non-special* tokens so that decoding
+    with skip_special_tokens keeps them and stop strings (vLLM, ours) still match."""
+    specials = [PAD, IM_START, IM_END]
+    vocab = {t: i for i, t in enumerate([*specials, *STEP_TOKENS, *CHARS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")  # every char on its own
+    tok.decoder = decoders.Fuse()  # join tokens back without spaces
+    tok.add_special_tokens(specials)
+    tok.add_tokens(list(STEP_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD,
+        eos_token=IM_END,
+        extra_special_tokens=[IM_START],
+        chat_template=CHAT_TEMPLATE,
+        padding_side="left",
+        model_max_length=512,
+    )
+
+
+SIZES = {  # ~1M params: anchors.md measured this size as the best per CPU-minute
+    "default": {"hidden_size": 128, "num_hidden_layers": 4, "intermediate_size": 512,
+                "num_attention_heads": 4, "num_key_value_heads": 2},
+    "test": {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64,
+             "num_attention_heads": 2, "num_key_value_heads": 1},
+}
+
+
+def tiny_config(tokenizer: PreTrainedTokenizerFast, size: str = "default") -> Qwen2Config:
+    """A small Qwen2: the same architecture (and loading code) as Qwen-2.5-Instruct."""
+    if size not in SIZES:
+        raise ValueError(f"unknown tiny size {size!r}; expected one of {sorted(SIZES)}")
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **SIZES[size],
+    )
+
+
+# Warm start: a fixed number of steps (not a time budget) and a fixed torch thread count, so
+# that a seed fixes the weights. Calibrated on 2 CPU cores to land at the blog's pre-RL level.
+SFT = {
+    "default": {"n_train": 20000, "steps": 1000, "batch_size": 32, "lr": 3e-3, "threads": 2},
+    # seconds, for the test suite; one thread: its matmuls are too small to split
+    "test": {"n_train": 512, "steps": 40, "batch_size": 16, "lr": 1e-2, "threads": 1},
+}
+
+
+def sft_examples(problems: list[countdown.Problem], tokenizer: PreTrainedTokenizerFast
+                 ) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) pairs: the solver's trace in the step format, closed by eos."""
+    prompts = tokenizer([countdown.make_prompt(p, tokenizer) for p in problems],
+                        add_special_tokens=False).input_ids
+    traces = tokenizer([countdown.solution_trace(p) for p in problems],
+                       add_special_tokens=False).input_ids
+    return [(p, t + [tokenizer.eos_token_id]) for p, t in zip(prompts, traces, strict=True)]
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids and labels with -100 on prompt and pad tokens (loss on the
+    completion only). Right padding needs no attention mask: causal attention never looks ahead."""
+    width = max(len(p) + len(c) for p, c in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), -100, dtype=torch.long)
+    for i, (p, c) in enumerate(examples):
+        ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+        labels[i, len(p):len(p) + len(c)] = torch.tensor(c)
+    return ids, labels
+
+
+def completion_loss(lm: torch.nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over completion tokens."""
+    logits = lm(input_ids=ids).logits[:, :-1].float()
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def warm_start(lm: torch.nn.Module, examples: list[tuple[list[int], list[int]]], pad_id: int,
+               steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
+    """Supervised training on solver traces (AdamW, linear warmup then cosine decay to lr/10);
+    returns the per-step losses."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(lm.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(
+        (s + 1) / warmup, 0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
+    order: list[int] = []
+    losses = []
+    lm.train()
+    bar = tqdm(range(steps), desc="tiny warm start", unit="step", mininterval=2)
+    for _ in bar:
+        if len(order) < batch_size:  # next epoch, freshly shuffled
+            order += torch.randperm(len(examples), generator=gen).tolist()
+        batch, order = order[:batch_size], order[batch_size:]
+        loss = completion_loss(lm, *collate([examples[i] for i in batch], pad_id))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    lm.eval()
+    return losses
+
+
+def build_tiny(out_dir: str | os.PathLike, seed: int = 0, size: str = "default") -> Path:
+    """Train the tiny policy on the train split's solver traces and save it (LM + fresh seeded
+    value head + tokenizer) atomically: out_dir either is absent or holds a complete model."""
+    out_dir = Path(out_dir)
+    tokenizer = build_tokenizer()
+    config = tiny_config(tokenizer, size)
+    sft = dict(SFT[size])
+    train, _ = countdown.make_splits(seed, n_train=sft.pop("n_train"))  # = the first n_train
+    examples = sft_examples(train, tokenizer)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(sft.pop("threads"))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            lm = AutoModelForCausalLM.from_config(config)
+            warm_start(lm, examples, tokenizer.pad_token_id, seed=seed, **sft)
+    finally:
+        torch.set_num_threads(threads)
+    policy = PolicyWithValue(lm, seeded_value_head(config.hidden_size, seed))  # RL trains it
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    policy.save_pretrained(tmp, tokenizer=tokenizer)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TREESEARCH_CACHE", Path.home() / ".cache" / "treesearch-distill"))
+
+
+def ensure_tiny(seed: int = 0, cache_dir: str | os.PathLike | None = None,
+                rebuild: bool = False) -> Path:
+    """The cached tiny model, built on first use (minutes); a file lock makes concurrent
+    callers wait for one build instead of racing."""
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    path = root / f"{CACHE_VERSION}-seed{seed}"
+    if path.is_dir() and not rebuild:
+        return path
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if rebuild or not path.is_dir():  # another process may have built it while we waited
+            print(f"building the tiny model (seed {seed}) into {path} (a few minutes, once)",
+                  file=sys.stderr)
+            build_tiny(path, seed)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Build (if missing) the tiny default model and "
+                                 "print its mean@16 and format rate on the test split.")
+    ap.add_argument("--seed", type=int, default=0, help="model seed (init, data order, splits)")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate the first N test problems")
+    ap.add_argument("--rebuild", action="store_true", help="rebuild even if cached")
+    args = ap.parse_args()
+
+    from eval import evaluate
+    from sampler import TorchSampler
+
+    path = ensure_tiny(args.seed, rebuild=args.rebuild)
+    policy = PolicyWithValue.from_pretrained(path)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    _, test = countdown.make_splits(args.seed)
+    test = test[:args.limit]
+    r = evaluate(TorchSampler(policy, tokenizer, seed=args.seed), test, n=16, temperature=1.0)
+    print(f"{path}: mean@16 = {r['mean_at_n']:.4f} ± {r['ci95']:.4f}, "
+          f"format rate = {r['format_rate']:.4f}, mean length = {r['mean_len']:.1f} tokens "
+          f"({r['n_problems']} problems x 16 samples)")
+
+
+if __name__ == "__main__":
+    main()
