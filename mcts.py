@@ -13,9 +13,11 @@ Interpretation choices (the README repeats them):
   the author's code). The root's value is never compared, so it backs up 0.
 - Virtual loss is "value added to visit counts" (blog table, author's code): a selecting worker
   adds 1 to N of every node on its path, Q = W / (N + VL), removed on backup. The exploration
-  term always drops; Q is pulled towards 0, which repels from a branch with W > 0 but draws to
-  one with W < 0. `virtual_value` < 0 also counts each virtual visit as that value (classic
-  virtual loss); default 0 follows the blog and the author.
+  term always drops. With visits alone Q is pulled towards 0, which repels from a branch with
+  W > 0 but *draws* to one with W < 0 (most branches of a weak model: measured 347 collisions in
+  400 selections). So by default each virtual visit also counts with value -1, the worst
+  reward (classic virtual *loss*): Q = (W - VL) / (N + VL). `--virtual-value 0` is the
+  visits-only rule of the blog's table / the author's code.
 - Workers are batched rounds: each round every tree's workers select in turn, then all pending
   leaves of all trees are expanded in ONE sampler call. A worker landing on a leaf already
   pending this round is a collision: it holds its virtual loss until the round's backup (as an
@@ -49,8 +51,8 @@ class MCTSConfig:
     k: int = 4  # completions sampled per expanded leaf (blog: "Completions per Node (K)")
     c_puct: float = 0.5  # pUCT exploration coefficient (blog: "cpuct")
     virtual_loss: int = 1  # added to N along a selected path until backup (blog: "Virtual Loss")
-    virtual_value: float = 0.0  # value each virtual visit counts with: 0 = blog/author (visits
-    #                             only); -1 = classic "loss", fewer collisions when values are < 0
+    virtual_value: float = -1.0  # value each virtual visit counts with: -1 = classic "loss"
+    #                              (default: few collisions when values are < 0); 0 = visits only
     temperature: float = 1.0  # sampling temperature; 1.0 samples the raw policy whose logprobs
     #                           we record (author's code: 0.8)
     max_step_tokens: int = 64  # cap on one step; a step cut there is terminal (author's code: 64)

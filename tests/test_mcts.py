@@ -120,6 +120,7 @@ def test_puct_score_by_hand():
 
 
 def test_select_picks_hand_computed_child_and_virtual_loss_moves_the_next_worker():
+    blog = MCTSConfig(virtual_value=0.0)  # the blog table's rule: virtual loss adds visits only
     root = Node(N=9, W=3.0)
     a = child(root, N=4, W=2.0, prior=0.2)  # 0.5 + 0.5*0.2*3/5 = 0.56 (root N + VL = 9 + 1 = 10)
     b = child(root, N=1, W=0.3, prior=0.5)
@@ -128,7 +129,7 @@ def test_select_picks_hand_computed_child_and_virtual_loss_moves_the_next_worker
     # First worker, parent visits 9 + VL 1 = 10:
     #   a: 0.5 + 0.5*0.2*sqrt(10)/5 = 0.5632, b: 0.3 + 0.5*0.5*sqrt(10)/2 = 0.6953,
     #   c: 0 + 0.5*0.3*sqrt(10)/1 = 0.4743  -> b
-    assert select_leaf(root, MCTSConfig()) == [root, b]
+    assert select_leaf(root, blog) == [root, b]
     assert (root.vloss, b.vloss, a.vloss) == (1, 1, 0)
     # Virtual loss counts as a visit of b: Q(b) = 0.3 / (1 + 1) = 0.15, N(b) + VL = 2.
     assert b.q == pytest.approx(0.15)
@@ -136,7 +137,7 @@ def test_select_picks_hand_computed_child_and_virtual_loss_moves_the_next_worker
     #   a: 0.5 + 0.1*sqrt(11)/5 = 0.5663, b: 0.15 + 0.25*sqrt(11)/3 = 0.4264,
     #   c: 0.15*sqrt(11) = 0.4975 -> a (without virtual loss b would win again: 0.6953 > 0.5632)
     assert 0.15 + 0.25 * S(11) / 3 < 0.5 + 0.1 * S(11) / 5
-    assert select_leaf(root, MCTSConfig()) == [root, a]
+    assert select_leaf(root, blog) == [root, a]
     assert (root.vloss, a.vloss, b.vloss, c.vloss) == (2, 1, 1, 0)
 
 
