@@ -280,51 +280,51 @@ class TorchSampler:
         self.decoder.select(index)
         logits, next_pos = logits[index], pos[index, -1] + 1
         rows = list(range(len(index)))  # batch row -> sample number
+        alive = [True] * len(rows)  # per batch row, in Python: no tensor ops on quiet steps
         results: list[Completion | None] = [None] * len(rows)
         tokens = torch.zeros(len(rows), max_new_tokens, dtype=torch.long, device=self.device)
         logps = torch.zeros(len(rows), max_new_tokens, device=self.device)
-        alive = torch.ones(len(rows), dtype=torch.bool, device=self.device)
-        can_stop = self._stop_candidates(stop) if stop else None
+        can_end = self.is_eos | self._stop_candidates(stop) if stop else self.is_eos
         window = max((len(s) for s in stop), default=0) + 2  # tokens that can hold a stop string
         for t in range(max_new_tokens):
             tok = sample_tokens(logits, temperature, top_p, self.generator)
             tokens[:, t] = tok
             logps[:, t] = torch.log_softmax(logits, -1).gather(-1, tok[:, None])[:, 0]
-            check = alive & (self.is_eos[tok] | can_stop[tok]) if stop else alive & self.is_eos[tok]
+            self.tokens_generated += sum(alive)
             finished = []  # (batch row, reason)
-            for r in check.nonzero()[:, 0].tolist():
-                reason = "eos" if self.is_eos[tok[r]] else self._stop_reason(tokens[r, :t + 1], stop, window)
-                if reason:
-                    finished.append((r, reason))
+            for r in can_end[tok].nonzero()[:, 0].tolist():
+                if alive[r]:
+                    reason = "eos" if self.is_eos[tok[r]] else self._stop_reason(
+                        tokens[r, :t + 1], stop, window)
+                    if reason:
+                        finished.append((r, reason))
             if t == max_new_tokens - 1:
                 done = {r for r, _ in finished}
-                finished += [(r, "length") for r in alive.nonzero()[:, 0].tolist() if r not in done]
-            self.tokens_generated += int(alive.sum())
+                finished += [(r, "length") for r in range(len(rows)) if alive[r] and r not in done]
             for r, reason in finished:
                 alive[r] = False
-                results[rows[r]] = Completion(tokens[r, :t + 1].tolist(), logps[r, :t + 1].tolist(),
-                                              "", reason)
+                results[rows[r]] = Completion(tokens[r, :t + 1].tolist(),
+                                              logps[r, :t + 1].tolist(), "", reason)
+            # V(s) at a sample's last token comes from the next step's forward of that token
             need_value = [r for r, _ in finished] if want_values else []
-            if not alive.any() and not need_value:
+            if not any(alive) and not need_value:
                 break
-            # drop finished rows once they are a good share of the batch (values: one step later)
-            keep = alive.clone()
-            keep[need_value] = True
-            if not keep.all() and (~keep).sum() >= COMPACT_FRACTION * len(rows) or not alive.any():
-                kept = keep.nonzero()[:, 0]
+            keep = [r for r in range(len(rows)) if alive[r] or r in need_value]
+            # drop finished rows once they are a good share of the batch (compaction)
+            if len(rows) - len(keep) >= max(1, COMPACT_FRACTION * len(rows)) or not any(alive):
+                kept = torch.tensor(keep, device=self.device)
                 self.decoder.select(kept)
-                new_row = {r: i for i, r in enumerate(kept.tolist())}
-                rows, need_value = [rows[r] for r in kept.tolist()], [new_row[r] for r in need_value]
-                tok, next_pos, alive = tok[kept], next_pos[kept], alive[kept]
-                tokens, logps = tokens[kept], logps[kept]
-            self.forward_tokens += int(alive.sum()) + len(need_value)
+                need_value = [keep.index(r) for r in need_value]
+                rows, alive = [rows[r] for r in keep], [alive[r] for r in keep]
+                tok, next_pos, tokens, logps = tok[kept], next_pos[kept], tokens[kept], logps[kept]
+            self.forward_tokens += sum(alive) + len(need_value)
             logits, hidden = self.decoder.step(tok, next_pos)
             next_pos = next_pos + 1
             if need_value:
                 values = self.policy.value_head(hidden[need_value]).tolist()
                 for r, v in zip(need_value, values):
                     results[rows[r]].value = v
-            if not alive.any():
+            if not any(alive):
                 break
         texts = self.tokenizer.batch_decode([c.tokens for c in results], skip_special_tokens=True)
         for c, text in zip(results, texts):
