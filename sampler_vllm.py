@@ -39,14 +39,12 @@ from torch import Tensor
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 from vllm.platforms import current_platform
-from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
 from countdown import ANSWER_CLOSE, STEP_END
 from sampler import Completion, TorchSampler
 from value_head import VALUE_HEAD_FILE, PolicyWithValue
 
 BLOCK_SIZE = 32  # prefix-cache granularity in tokens (the CPU attention kernel's minimum)
-CPU_HEAD_SIZES = CPUAttentionBackend.get_supported_head_sizes()  # 32, 64, 80, ... (not 16)
 PREFIX_METRICS = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits")
 
 
@@ -66,9 +64,13 @@ class VLLMSampler:
         text_cfg = policy.lm.config.get_text_config()
         head_dim = getattr(text_cfg, "head_dim", None) or (
             text_cfg.hidden_size // text_cfg.num_attention_heads)
-        if current_platform.is_cpu() and head_dim not in CPU_HEAD_SIZES:
-            raise ValueError(f"vLLM's CPU attention takes head_dim in {CPU_HEAD_SIZES}; this "
-                             f"model has {head_dim}: use --backend torch for it")
+        if current_platform.is_cpu():
+            from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+            sizes = CPUAttentionBackend.get_supported_head_sizes()  # 32, 64, 80, ... (not 16)
+            if head_dim not in sizes:
+                raise ValueError(f"vLLM's CPU attention takes head_dim in {sizes}; this model "
+                                 f"has {head_dim}: use --backend torch for it")
         self.policy, self.tokenizer = policy, tokenizer
         self.torch = TorchSampler(policy, tokenizer, seed=seed)  # values + the torch-side weights
         self.tokens_generated = 0
@@ -124,8 +126,9 @@ class VLLMSampler:
         """n samples per prompt -> [len(prompts)][n] Completions, all prompts in one engine call."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs at least one prompt and no empty prompt")
+        copies = n if temperature == 0 else 1  # vLLM refuses greedy n > 1: one sample, n copies
         params = SamplingParams(
-            n=n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            n=n // copies, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             stop=[s for s in stop if s], include_stop_str_in_output=True,
             stop_token_ids=self.torch.eos_ids,  # the same EOS set as the torch backend
             logprobs=0)  # the sampled token's log-prob only (raw_logprobs: temperature 1)
@@ -137,28 +140,31 @@ class VLLMSampler:
         self.prefix_cache_hits += new_hits - hits
         results = []
         for out in outputs:
-            row = []
-            for c in sorted(out.outputs, key=lambda c: c.index):
-                tokens = list(c.token_ids)
-                if c.finish_reason == "length":
-                    reason = "length"
-                elif isinstance(c.stop_reason, str):  # a stop string; else EOS (None or a token id)
-                    reason = "answer" if c.stop_reason == ANSWER_CLOSE else "step"
-                else:
-                    reason = "eos"
-                row.append(Completion(
-                    tokens=tokens, logprobs=[lp[t].logprob for lp, t in zip(c.logprobs, tokens)],
-                    text=self.tokenizer.decode(tokens, skip_special_tokens=True),
-                    finish_reason=reason))
-                self.tokens_generated += len(tokens)
-                self._forward_tokens += len(tokens) - 1  # each sample but the last is fed back
-            results.append(row)
+            samples = sorted(out.outputs, key=lambda c: c.index)
+            for c in samples:
+                self.tokens_generated += len(c.token_ids)
+                self._forward_tokens += len(c.token_ids) - 1  # all but the last are fed back
+            results.append([self._completion(c) for c in samples for _ in range(copies)])
         self._forward_tokens += (new_queries - queries) - (new_hits - hits)
         if want_values:
             flat = [(p, c) for p, row in zip(prompts, results) for c in row]
             for (_, c), v in zip(flat, self.torch.values([list(p) + c.tokens for p, c in flat])):
                 c.value = v
         return results
+
+    def _completion(self, c) -> Completion:
+        """A vLLM CompletionOutput in the torch backend's terms."""
+        tokens = list(c.token_ids)
+        if c.finish_reason == "length":
+            reason = "length"
+        elif isinstance(c.stop_reason, str):  # a stop string; else EOS (None or a token id)
+            reason = "answer" if c.stop_reason == ANSWER_CLOSE else "step"
+        else:
+            reason = "eos"
+        return Completion(tokens=tokens,
+                          logprobs=[lp[t].logprob for lp, t in zip(c.logprobs, tokens)],
+                          text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+                          finish_reason=reason)
 
     def values(self, sequences: list[list[int]]) -> list[float]:
         """V at the last token of each sequence: one batched torch forward of the policy."""

@@ -30,9 +30,9 @@ LOGPROB_TOL = 1e-4  # float32, different kernels (vLLM CPU attention vs torch SD
 VALUE_TOL = 1e-5  # both values come from torch forwards (full sequence vs KV-cached steps)
 
 
-def random_policy(tok, seed: int = 0) -> PolicyWithValue:
-    cfg = tiny.tiny_config(tok, "test")
-    cfg.num_attention_heads = cfg.num_key_value_heads = 1  # head_dim 32
+def random_policy(tok, seed: int = 0, heads: int = 1) -> PolicyWithValue:
+    cfg = tiny.tiny_config(tok, "test")  # hidden 32
+    cfg.num_attention_heads = cfg.num_key_value_heads = heads
     cfg.initializer_range = 0.2
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -72,6 +72,14 @@ def test_greedy_matches_torch_backend(setup):
         assert a.value == pytest.approx(b.value, abs=VALUE_TOL)
     assert vs.values([p + c.tokens for p, c in zip(prompts, ours)]) == pytest.approx(
         [c.value for c in ref], abs=VALUE_TOL)
+    for row, c in zip(vs.generate(prompts, n=3, temperature=0, max_new_tokens=48), ref):
+        assert [s.tokens for s in row] == [c.tokens] * 3  # vLLM refuses greedy n > 1 itself
+
+
+def test_unsupported_head_size_is_a_one_line_error():
+    tok = tiny.build_tokenizer()
+    with pytest.raises(ValueError, match="has 16: use --backend torch"):
+        make_sampler("vllm", random_policy(tok, heads=2), tok)
 
 
 @pytest.mark.parametrize("temperature", [0.8, 2.0])
