@@ -684,13 +684,15 @@ def run(args: Args) -> int:
     eval_key = f"eval_mean_at_{args.eval_n}"
     bar = tqdm(total=args.steps, initial=start_step, desc=f"{args.method} steps", unit="step")
     metrics, events = open(out / "metrics.jsonl", "a"), open(out / "events.jsonl", "a")  # noqa: SIM115
+    done = False
     try:
         while True:
             try:
                 msg = sh.log_q.get(timeout=0.5)
             except queue.Empty:
                 msg = None
-            if msg is not None and "done" in msg:
+            done = msg is not None and "done" in msg
+            if done:
                 break
             if msg is not None and "row" in msg:
                 row = msg["row"]
@@ -714,20 +716,18 @@ def run(args: Args) -> int:
             if error:
                 bar.close()
                 print(f"train.py: error: {error}", file=sys.stderr)
-                _stop(procs, sh, grace=1.0)
                 return 1
     except KeyboardInterrupt:
         bar.close()
         print("train.py: interrupted, stopping children", file=sys.stderr)
-        _stop(procs, sh, grace=2.0)
         return 130
-    finally:
+    finally:  # every exit path, including an error in main itself, stops the children
+        _stop(procs, sh, grace=5.0 if done else 1.0)
         metrics.close()
         events.close()
         if writer is not None:
             writer.close()
     bar.close()
-    _stop(procs, sh, grace=5.0)
     evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
              if eval_key in r]
     if len(evals) >= 2:
