@@ -496,7 +496,8 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
         return wall0 + time.time() - t_start
 
     def evaluate() -> dict:
-        smp = sampler_lib.make_sampler("torch", policy, tokenizer, seed=args.seed + step)
+        # the same seed at every eval: before/after differ by the weights, not the random stream
+        smp = sampler_lib.make_sampler("torch", policy, tokenizer, seed=args.seed)
         r = evaluation.evaluate(smp, test, n=args.eval_n, temperature=args.eval_temperature,
                                 max_new_tokens=args.max_new_tokens, progress=False)
         return {f"eval_mean_at_{args.eval_n}": r["mean_at_n"], "eval_ci95": r["ci95"],
