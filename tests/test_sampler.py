@@ -6,7 +6,7 @@ import torch
 from test_value_head import char_tokenizer, random_policy
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from sampler import HFDecoder, Qwen2Decoder, TorchSampler, make_sampler
+from sampler import HFDecoder, Qwen2Decoder, TorchSampler, left_pad, make_sampler
 from value_head import PolicyWithValue
 
 PROMPTS = ["12+3=15", "7*8", "(13-4)*3=27 ab", "x"]  # ragged lengths 7, 3, 14, 1
@@ -41,7 +41,6 @@ def test_fast_forward_equals_hf_forward(tie):
     prompts = encode(tok, PROMPTS)
     sampler = TorchSampler(policy, tok)
     assert isinstance(sampler.decoder, Qwen2Decoder)
-    from sampler import left_pad
     with torch.inference_mode():
         ids, pos, valid = left_pad(prompts, torch.device("cpu"))
         logits, _ = sampler.decoder.prefill(ids, pos, valid, ids.shape[1] + 1)
@@ -207,7 +206,8 @@ def test_values_match_policy_forward():
 
 
 def test_load_weights_gives_exactly_the_new_models_outputs():
-    tok, prompts = char_tokenizer(), encode(tok := char_tokenizer(), PROMPTS)
+    tok = char_tokenizer()
+    prompts = encode(tok, PROMPTS)
     old, new = spread_policy(seed=0), spread_policy(seed=1)
     sampler = TorchSampler(old, tok)
     before = sampler.generate(prompts, max_new_tokens=16, temperature=0, stop=(), want_values=True)
