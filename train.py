@@ -43,6 +43,8 @@ import eval as evaluation
 import losses
 import mcts
 import sampler as sampler_lib
+import treepo
+import treerl
 from value_head import PolicyWithValue, load_policy
 
 
@@ -50,8 +52,9 @@ from value_head import PolicyWithValue, load_policy
 class Args:
     """Defaults are the embedded CPU run (tiny model, 2 cores); `--preset blog` is the blog's table."""
 
-    method: Literal["mcts", "cispo", "bon"] = "mcts"
-    """how generators pick training trajectories: tree search, CISPO groups, or best-of-N"""
+    method: Literal["mcts", "cispo", "bon", "treepo", "treerl"] = "mcts"
+    """how generators pick training trajectories: tree search (blog), CISPO groups, best-of-N,
+    or the related tree-rollout methods TreePO (treepo.py) and TreeRL/EPTree (treerl.py)"""
     preset: Literal["none", "blog"] = "none"
     """'blog' starts from the blog's table of values (flags given next to it still win)"""
     model: str = "tiny"
@@ -65,15 +68,29 @@ class Args:
     batch_size: int = 8
     """trajectories per optimizer step for mcts/bon (blog: 32), split over the trainers"""
     cispo_groups: int = 2
-    """prompts per optimizer step for cispo; the step holds cispo_groups x group_size trajectories (blog: 128)"""
+    """prompts per optimizer step for cispo (and treepo/treerl); the step holds cispo_groups x group_size
+    trajectories (blog: 128)"""
     group_size: int = 16
-    """CISPO group size: samples per prompt sharing a group-relative advantage (blog: 16)"""
+    """CISPO group size: samples per prompt sharing a group-relative advantage (blog: 16); also
+    TreePO's tree width w (trajectories per prompt)"""
     normalize_std: bool = False
     """divide CISPO group advantages by the group std (GRPO) instead of mean-centring only (Dr. GRPO)"""
     bon_n: int = 64
     """best-of-N: samples per prompt, the best by dense reward is trained on (blog: N = 64)"""
     prompts_per_call: int = 4
     """prompts a generator handles per batched call (MCTS trees searched together, CISPO groups, BoN prompts)"""
+    treepo_segment_len: int = 16
+    """TreePO: tokens per segment L (paper: 512); max depth = max_new_tokens // L"""
+    treepo_branch: int = 2
+    """TreePO: forks per node and round b (paper: 2)"""
+    treerl_m: int = 6
+    """TreeRL: initial i.i.d. responses per prompt M (paper: 6)"""
+    treerl_n: int = 2
+    """TreeRL: forking points (highest -log pi tokens) per tree and iteration N (paper: 2)"""
+    treerl_l: int = 1
+    """TreeRL: forking iterations L (paper: 1)"""
+    treerl_t: int = 2
+    """TreeRL: branches per forking point T (paper: 2)"""
     mcts_workers: int = 16
     """parallel MCTS agents sharing one tree with virtual loss (blog: 16)"""
     mcts_iterations: int = 64
@@ -167,9 +184,14 @@ def parse_args(argv: list[str] | None = None) -> Args:
     return tyro.cli(Args, args=argv, default=replace(Args(), preset=preset, **PRESETS[preset]))
 
 
+GROUP_METHODS = ("cispo", "treepo", "treerl")  # many trajectories per prompt, relative advantages
+
+
 def traj_per_step(args: Args) -> int:
     """Global batch in trajectories: B for MCTS/BoN, groups x group size for CISPO (blog: 128 x 16)."""
-    return args.cispo_groups * args.group_size if args.method == "cispo" else args.batch_size
+    if args.method in GROUP_METHODS:
+        return args.cispo_groups * args.group_size
+    return args.batch_size
 
 
 def check_args(args: Args) -> None:
@@ -189,7 +211,7 @@ def check_args(args: Args) -> None:
     if args.method == "cispo" and args.group_size < 2:
         fail("--method cispo needs --group-size >= 2 (advantages are relative to the group)")
     if traj_per_step(args) % args.n_trainers:
-        what = ("cispo_groups x group_size" if args.method == "cispo" else "batch_size")
+        what = ("cispo_groups x group_size" if args.method in GROUP_METHODS else "batch_size")
         fail(f"{what} = {traj_per_step(args)} is not divisible by --n-trainers {args.n_trainers}")
     if args.eval_problems > 820:
         fail(f"--eval-problems {args.eval_problems} exceeds the 820 test problems")
@@ -272,14 +294,17 @@ def _put(q, item, stop) -> float:
 # Generators: trajectories by method
 
 
-def trajectory(prompt_ids, tokens, logprobs, reward: float, advantage: float, version: int) -> dict:
-    """One training item (SPEC.md): advantage NaN means "use r - sg(V(s_t))" in the trainer."""
+def trajectory(prompt_ids, tokens, logprobs, reward: float, advantage, version: int) -> dict:
+    """One training item (SPEC.md). `advantage` is one number for every token (CISPO, TreePO), a
+    per-token list (TreeRL's step advantages), or NaN meaning "use r - sg(V(s_t))" (MCTS, BoN)."""
+    if not isinstance(advantage, (list, tuple)):
+        advantage = [advantage] * len(tokens)
     return {
         "prompt_ids": torch.tensor(prompt_ids, dtype=torch.int64),
         "tokens": torch.tensor(tokens, dtype=torch.int64),
         "old_logprobs": torch.tensor(logprobs, dtype=torch.float32),
         "reward": torch.tensor(reward, dtype=torch.float32),
-        "advantage": torch.tensor(advantage, dtype=torch.float32),
+        "advantages": torch.tensor(advantage, dtype=torch.float32),
         "version": torch.tensor(version, dtype=torch.int64),
     }
 
@@ -320,7 +345,26 @@ def bon_trajectories(problems, sampler, args: Args, version: int) -> list[dict]:
     return trajs
 
 
-PRODUCERS = {"mcts": mcts_trajectories, "cispo": cispo_trajectories, "bon": bon_trajectories}
+def treepo_trajectories(problems, sampler, args: Args, version: int) -> list[dict]:
+    """TreePO: segment-level tree sampling, w = group_size trajectories per prompt, tree advantages."""
+    cfg = treepo.TreePOConfig(segment_len=args.treepo_segment_len,
+                              max_depth=max(1, args.max_new_tokens // args.treepo_segment_len),
+                              branch=args.treepo_branch, width=args.group_size,
+                              temperature=args.temperature, seed=args.seed)
+    return [trajectory(t["prompt_ids"], t["tokens"], t["old_logprobs"], t["reward"],
+                       t["advantages"], version) for t in treepo.treepo_rollouts(problems, sampler, cfg)]
+
+
+def treerl_trajectories(problems, sampler, args: Args, version: int) -> list[dict]:
+    """TreeRL: EPTree forking at high -log pi tokens, per-step global + local advantages."""
+    cfg = treerl.TreeRLConfig(M=args.treerl_m, N=args.treerl_n, L=args.treerl_l, T=args.treerl_t,
+                              temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    return [trajectory(t["prompt_ids"], t["tokens"], t["old_logprobs"], t["reward"],
+                       t["advantages"], version) for t in treerl.treerl_rollouts(problems, sampler, cfg)]
+
+
+PRODUCERS = {"mcts": mcts_trajectories, "cispo": cispo_trajectories, "bon": bon_trajectories,
+             "treepo": treepo_trajectories, "treerl": treerl_trajectories}
 
 
 def work_item(train: list, order: list[int], args: Args, g: int, pos: int) -> list:
@@ -378,15 +422,17 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     attn = torch.zeros(B, L, dtype=torch.int64)
     mask = torch.zeros(B, L - 1)
     old = torch.zeros(B, L - 1)
+    adv = torch.zeros(B, L - 1)
     for i, b in enumerate(batch):
         P, T = len(b["prompt_ids"]), len(b["tokens"])
         ids[i, :P + T] = torch.cat([b["prompt_ids"], b["tokens"]])
         attn[i, :P + T] = 1
         mask[i, P - 1:P - 1 + T] = 1.0
         old[i, P - 1:P - 1 + T] = b["old_logprobs"]
+        adv[i, P - 1:P - 1 + T] = b["advantages"]
     return {"input_ids": ids, "attention_mask": attn, "mask": mask, "old_logprobs": old,
             "rewards": torch.stack([b["reward"] for b in batch]),
-            "advantages": torch.stack([b["advantage"] for b in batch]),
+            "advantages": adv,
             "versions": torch.stack([b["version"] for b in batch])}
 
 
@@ -400,11 +446,11 @@ def train_step(model, ref: PolicyWithValue | None, opt, batch: dict, args: Args)
     if ref is not None:
         with torch.no_grad():
             ref_logp = losses.token_logprobs(ref(ids, attention_mask=attn)[0][:, :-1], ids[:, 1:])
-    # A_t = r - sg(V_old(s_t)) for MCTS/BoN (V_old: this pre-step forward); CISPO: group advantage
+    # A_t = r - sg(V_old(s_t)) for MCTS/BoN (V_old: this pre-step forward, NaN marks these tokens);
+    # CISPO / TreePO / TreeRL bring their own (group- or tree-relative) advantages
     adv = batch["advantages"]
-    per_token = torch.where(torch.isnan(adv)[:, None],
-                            losses.mcts_advantages(batch["rewards"], values, mask),
-                            torch.nan_to_num(adv)[:, None] * mask)
+    per_token = torch.where(torch.isnan(adv), losses.mcts_advantages(batch["rewards"], values, mask),
+                            torch.nan_to_num(adv) * mask)
     loss, stats = losses.total_loss(
         logp, batch["old_logprobs"], ref_logp, values, batch["rewards"], per_token, mask,
         c_ppo=args.c_ppo, c_value=args.c_value, c_kl=args.c_kl if ref is not None else 0.0,

@@ -92,10 +92,10 @@ def check_run(run_dir: Path, model: str, steps: int, method: str,
 def test_collate_aligns_completion_tokens_by_hand():
     a = {"prompt_ids": torch.tensor([5, 6, 7]), "tokens": torch.tensor([8, 9]),
          "old_logprobs": torch.tensor([-0.5, -1.5]), "reward": torch.tensor(1.0),
-         "advantage": torch.tensor(float("nan")), "version": torch.tensor(3)}
+         "advantages": torch.tensor([float("nan")] * 2), "version": torch.tensor(3)}
     b = {"prompt_ids": torch.tensor([5]), "tokens": torch.tensor([4, 3, 2]),
          "old_logprobs": torch.tensor([-1.0, -2.0, -3.0]), "reward": torch.tensor(-1.0),
-         "advantage": torch.tensor(0.25), "version": torch.tensor(4)}
+         "advantages": torch.tensor([0.25, 0.5, 0.75]), "version": torch.tensor(4)}
     out = train.collate([a, b], pad_id=0)
     assert out["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 4, 3, 2, 0]]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
@@ -103,7 +103,9 @@ def test_collate_aligns_completion_tokens_by_hand():
     assert out["mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]
     assert out["old_logprobs"].tolist() == [[0, 0, -0.5, -1.5], [-1, -2, -3, 0]]
     assert out["versions"].tolist() == [3, 4] and out["rewards"].tolist() == [1.0, -1.0]
-    assert torch.isnan(out["advantages"][0]) and out["advantages"][1] == 0.25
+    # advantages sit on the same positions as the mask (NaN = r - V), 0 on padding
+    assert torch.isnan(out["advantages"][0, 2:]).all() and out["advantages"][0, :2].tolist() == [0, 0]
+    assert out["advantages"][1].tolist() == [0.25, 0.5, 0.75, 0]
 
 
 def test_work_items_are_disjoint_and_deterministic():
@@ -211,6 +213,19 @@ def test_cispo_end_to_end(tiny_test_model, tmp_path):
     r = run_train(*small_flags(str(tiny_test_model), out, steps=2), "--method", "cispo")
     assert r.returncode == 0, r.stderr[-3000:]
     check_run(out, str(tiny_test_model), 2, "cispo")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("method, flags", [
+    ("treepo", ["--treepo-segment-len", "8"]),  # w = group size 2, depth 32 // 8 = 4
+    ("treerl", ["--treerl-m", "2", "--treerl-n", "1", "--treerl-t", "1"]),  # <= 2 * (1 + 1) leaves
+])
+def test_tree_rollout_methods_end_to_end(tiny_test_model, tmp_path, method, flags):
+    out = tmp_path / method
+    r = run_train(*small_flags(str(tiny_test_model), out, steps=2), "--method", method, *flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    check_run(out, str(tiny_test_model), 2, method)
 
 
 @pytest.mark.slow
