@@ -99,6 +99,8 @@ class Args:
     """completions per expanded leaf, K (blog: 4)"""
     c_puct: float = 0.5
     """pUCT exploration coefficient (blog: 0.5)"""
+    mcts_virtual_value: float = -1.0
+    """value each virtual visit counts with: -1 = classic virtual loss (default), 0 = visits only (blog table)"""
     mcts_select: Literal["visits", "q", "best_reward"] = "visits"
     """greedy selection after search: most-visited child (blog), highest Q, or best terminal reward"""
     temperature: float = 1.0
@@ -314,7 +316,7 @@ def mcts_trajectories(problems, sampler, args: Args, version: int) -> list[dict]
     cfg = mcts.MCTSConfig(workers=args.mcts_workers, iterations=args.mcts_iterations, k=args.mcts_k,
                           c_puct=args.c_puct, temperature=args.temperature,
                           max_step_tokens=args.max_step_tokens, max_total_tokens=args.max_new_tokens,
-                          select=args.mcts_select)
+                          virtual_value=args.mcts_virtual_value, select=args.mcts_select)
     return [trajectory(r.prompt_ids, r.tokens, r.logprobs, r.reward, math.nan, version)
             for r in mcts.search(problems, sampler, cfg)]
 
