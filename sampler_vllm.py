@@ -22,6 +22,7 @@ shared context of a tree is computed once and reused from cache blocks.
   had), so thread policy stays with the caller (train.py gives each process its share).
 """
 
+import logging
 import os
 import shutil
 import tempfile
@@ -100,6 +101,9 @@ class VLLMSampler:
         self.start_seconds = time.perf_counter() - t0
         torch.set_num_threads = set_num_threads
         torch.set_num_threads(threads)
+        # each reload warns "RotaryEmbedding: Failed to load weights": its cos/sin table is in no
+        # checkpoint and stays as it was (outputs after a sync match the torch backend's)
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
 
     @property
     def forward_tokens(self) -> int:
