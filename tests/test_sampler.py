@@ -7,7 +7,7 @@ from test_value_head import char_tokenizer, random_policy
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from sampler import HFDecoder, Qwen2Decoder, TorchSampler, left_pad, make_sampler
-from value_head import PolicyWithValue
+from value_head import PolicyWithValue, load_tokenizer
 
 PROMPTS = ["12+3=15", "7*8", "(13-4)*3=27 ab", "x"]  # ragged lengths 7, 3, 14, 1
 
@@ -71,8 +71,7 @@ def test_greedy_equals_hf_generate_tiny_model(request):
     except pytest.FixtureLookupError:
         pytest.skip("tiny_test_model fixture (tests/conftest.py) not available yet")
     policy = PolicyWithValue.from_pretrained(path)
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = load_tokenizer(path)
     sampler = TorchSampler(policy, tok)
     prompts = encode(tok, ["<|im_start|>user\n3 5 7 9 -> 24<|im_end|>\n<|im_start|>assistant\n",
                            "<|im_start|>assistant\n13-4="])
