@@ -16,18 +16,19 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, pre_tokenizers
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2Tokenizer
 
 import countdown
-from value_head import PolicyWithValue, seeded_value_head
+from eval import evaluate
+from sampler import TorchSampler
+from value_head import PolicyWithValue, load_policy, seeded_value_head
 
 CACHE_VERSION = "tiny-v1"  # bump when the recipe changes: ensure_tiny then builds a fresh copy
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 STEP_TOKENS = ("</step>", "<answer>", "</answer>")  # = countdown.STEP_END, ANSWER_OPEN, ANSWER_CLOSE
-CHARS = ["\n"] + [chr(c) for c in range(32, 127)]  # newline + printable ASCII
 # Qwen-Instruct's template without its default system prompt: the prompt path is the same.
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -38,24 +39,19 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Character-level tokenizer; the step tags are single *non-special* tokens so that decoding
-    with skip_special_tokens keeps them and stop strings (vLLM, ours) still match."""
+    """Character-level: Qwen2's byte-level BPE with the 256 byte symbols and *no merges*, so every
+    byte is one token and any text round-trips. Being a real Qwen2Tokenizer matters: for a qwen2
+    checkpoint AutoTokenizer always rebuilds Qwen2's pipeline, so anything else loads differently.
+    The step tags are single *non-special* tokens: decoding with skip_special_tokens keeps them
+    and stop strings (vLLM, ours) still match."""
     specials = [PAD, IM_START, IM_END]
-    vocab = {t: i for i, t in enumerate([*specials, *STEP_TOKENS, *CHARS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")  # every char on its own
-    tok.decoder = decoders.Fuse()  # join tokens back without spaces
-    tok.add_special_tokens(specials)
-    tok.add_tokens(list(STEP_TOKENS))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token=PAD,
-        eos_token=IM_END,
-        extra_special_tokens=[IM_START],
-        chat_template=CHAT_TEMPLATE,
-        padding_side="left",
-        model_max_length=512,
-    )
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate([*specials, *STEP_TOKENS, *alphabet])}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], pad_token=PAD, eos_token=IM_END,
+                         extra_special_tokens=[IM_START], chat_template=CHAT_TEMPLATE,
+                         padding_side="left", model_max_length=512)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in STEP_TOKENS])
+    return tok
 
 
 SIZES = {  # ~1M params: anchors.md measured this size as the best per CPU-minute
@@ -192,6 +188,8 @@ def ensure_tiny(seed: int = 0, cache_dir: str | os.PathLike | None = None,
     with open(root / f"{path.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if rebuild or not path.is_dir():  # another process may have built it while we waited
+            for stale in root.glob(f".{path.name}.*"):  # temp dir of a build that was killed
+                shutil.rmtree(stale)
             print(f"building the tiny model (seed {seed}) into {path} (a few minutes, once)",
                   file=sys.stderr)
             build_tiny(path, seed)
@@ -206,12 +204,8 @@ def main() -> None:
     ap.add_argument("--rebuild", action="store_true", help="rebuild even if cached")
     args = ap.parse_args()
 
-    from eval import evaluate
-    from sampler import TorchSampler
-
     path = ensure_tiny(args.seed, rebuild=args.rebuild)
-    policy = PolicyWithValue.from_pretrained(path)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    policy, tokenizer = load_policy(str(path))
     _, test = countdown.make_splits(args.seed)
     test = test[:args.limit]
     r = evaluate(TorchSampler(policy, tokenizer, seed=args.seed), test, n=16, temperature=1.0)
