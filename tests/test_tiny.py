@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import countdown
 import tiny
-from value_head import PolicyWithValue, load_tokenizer
+from value_head import PolicyWithValue
 
 TAGS = (countdown.STEP_END, countdown.ANSWER_OPEN, countdown.ANSWER_CLOSE)
 
@@ -39,7 +39,9 @@ def test_round_trip_one_token_per_char(tok, problems):
         # every character is one token, except the 3 tags and the 3 chat markers (one each)
         multi = [*TAGS, tiny.IM_START, tiny.IM_END]
         assert len(ids) == len(text) - sum(text.count(t) * (len(t) - 1) for t in multi)
-    assert tok.decode(tok.encode("  a\n\n b ")) == "  a\n\n b "  # no spaces added or lost
+    for text in ["  a\n\n b ", "tab\there, crlf\r\n", "héllo ✓"]:  # no spaces added or lost
+        assert tok.decode(tok.encode(text)) == text
+        assert len(tok.encode(text)) == len(text.encode())  # one token per byte
 
 
 def test_step_tags_are_single_non_special_tokens(tok):
@@ -106,12 +108,13 @@ def test_test_build_loads_as_policy_and_as_plain_causal_lm(tiny_test_model, tok,
         logits, values = policy(ids)
         assert torch.equal(logits, plain(input_ids=ids).logits)
     assert values.shape == ids.shape and values.abs().max() < 1
-    loaded = load_tokenizer(tiny_test_model)
-    assert loaded.encode(TAGS[0], add_special_tokens=False) == tok.encode(TAGS[0])
-    # the checkpoint's tokenizer encodes exactly as the one the model was trained with (a plain
-    # AutoTokenizer here would come back as Qwen2Tokenizer and drop spaces and newlines)
-    text = countdown.make_prompt(problems[0], tok) + countdown.solution_trace(problems[0])
-    assert loaded.encode(text, add_special_tokens=False) == tok.encode(text)
+    # the checkpoint's tokenizer encodes exactly as the one the model was trained with: next to a
+    # qwen2 config.json, AutoTokenizer always rebuilds a Qwen2Tokenizer (any other char-level
+    # pipeline would come back with Qwen's pre-tokenizer and lose spaces and newlines)
+    loaded = AutoTokenizer.from_pretrained(tiny_test_model)
+    for p in problems[:5]:
+        text = countdown.make_prompt(p, loaded) + countdown.solution_trace(p) + tiny.IM_END
+        assert loaded.encode(text) == tok.encode(text) and loaded.decode(tok.encode(text)) == text
 
 
 def test_test_build_is_deterministic_and_atomic(tiny_test_model, tmp_path):
@@ -130,7 +133,7 @@ def test_test_build_is_deterministic_and_atomic(tiny_test_model, tmp_path):
 
 def test_warm_start_learns_the_traces(tiny_test_model, tok):
     """Held-out (test split) trace loss falls well below the same seed's untrained init."""
-    _, test = countdown.make_splits(0)
+    _, test = countdown.make_splits(0, n_train=1)  # the test split does not depend on n_train
     ids, labels = tiny.collate(tiny.sft_examples(test[:64], tok), tok.pad_token_id)
     torch.manual_seed(0)  # build_tiny's init
     fresh = AutoModelForCausalLM.from_config(tiny.tiny_config(tok, "test")).eval()
@@ -175,7 +178,7 @@ def test_default_is_well_formatted_but_weak():
 
     path = tiny.ensure_tiny(0)  # the same cache train.py uses; builds in minutes if missing
     sampler = TorchSampler(PolicyWithValue.from_pretrained(path),
-                           load_tokenizer(path), seed=0)
+                           AutoTokenizer.from_pretrained(path), seed=0)
     _, test = countdown.make_splits(0)
     r = evaluate(sampler, test[:200], n=16, temperature=1.0, progress=False)
     assert r["format_rate"] >= 0.9
