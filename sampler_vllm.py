@@ -16,6 +16,11 @@ shared context of a tree is computed once and reused from cache blocks.
   every sync.
 - Weight sync: the engine's weights are reloaded in place (`reload_weights` on the worker, no
   restart) and its prefix cache reset, since cached KV belongs to the old weights.
+- Prefix-cache hit rate: vLLM's counters `vllm:prefix_cache_queries` / `_hits` (prompt tokens
+  looked up / found in cache, read with `llm.get_metrics()`, kept only with stats logging on),
+  differenced around each call. A prompt's last token is always recomputed.
+- Differences: greedy n > 1 (vLLM refuses it) is one sample copied n times; prompt + completion
+  stop at max_model_len (finish "length"); the engine seeds the process's global RNGs at start.
 - 2-core CPU box: 1 GiB KV cache (`VLLM_CPU_KVCACHE_SPACE`, vLLM's CPU default is 4 GiB).
   vLLM drops torch to 1 intra-op thread and turns `torch.set_num_threads` into a no-op for its
   process; we undo both after engine start and set `threads` (default: the count the process

@@ -15,6 +15,7 @@ except ImportError:
     pytest.skip("vllm is not installed (pip install -r requirements-vllm.txt, see README)",
                 allow_module_level=True)
 
+from test_train import check_run, run_train, small_flags
 from transformers import AutoModelForCausalLM
 
 import countdown
@@ -40,11 +41,17 @@ def random_policy(tok, seed: int = 0, heads: int = 1) -> PolicyWithValue:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """(vLLM sampler, torch sampler on a separate copy of the same weights, prompts)."""
+def model_dir(tmp_path_factory):
     tok = tiny.build_tokenizer()
     path = tmp_path_factory.mktemp("vllm") / "model"
     random_policy(tok).save_pretrained(path, tokenizer=tok)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(model_dir):
+    """(vLLM sampler, torch sampler on a separate copy of the same weights, prompts)."""
+    path, tok = model_dir, tiny.build_tokenizer()
     vs = make_sampler("vllm", PolicyWithValue.from_pretrained(path), tok, seed=0, model_dir=path)
     ts = TorchSampler(PolicyWithValue.from_pretrained(path), tok, seed=0)
     problems, _ = countdown.make_splits(0, n_train=8)
@@ -151,3 +158,15 @@ def test_weight_sync_in_place_follows_the_torch_backend(setup):
     vs.load_weights(original)
     ts.load_weights(original)
     assert [c.tokens for c in greedy(vs, prompts)] == [c.tokens for c in before]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("method", ["mcts", "cispo", "bon"])
+def test_train_end_to_end_on_vllm(model_dir, tmp_path, method):
+    """The whole pipeline with vLLM generators: steps, evals, weights moved, syncs bit-exact."""
+    out = tmp_path / method
+    r = run_train(*small_flags(str(model_dir), out, steps=2), "--method", method,
+                  "--backend", "vllm")
+    assert r.returncode == 0, r.stderr[-3000:]
+    check_run(out, str(model_dir), 2, method)
