@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, replace
@@ -606,9 +607,21 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
 # Main: spawn, supervise, log
 
 
+def _exit_with_parent(parent: int) -> None:
+    """A child whose main process vanished (kill -9) exits instead of running on as an orphan."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops a run like Ctrl-C: children stopped, exit 130
+
+
 def _child(name: str, fn, args: Args, sh: Shared, *rest) -> None:
     """Child entry point: its torch thread budget, no SIGINT (main stops us), errors -> main."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     torch.set_num_threads(args.torch_threads)
     transformers.utils.logging.disable_progress_bar()
     sh.log_q.put({"event": "start", "process": name, "pid": os.getpid()})
@@ -705,6 +718,7 @@ def run(args: Args) -> int:
     (out / "config.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
     start_step = state["step"] if state else 0
 
+    signal.signal(signal.SIGTERM, _raise_interrupt)
     ctx = mp.get_context("spawn")
     G = args.n_generators
     sh = Shared(

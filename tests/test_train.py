@@ -288,6 +288,45 @@ def test_killed_generator_exits_nonzero_within_30s(tiny_test_model, tmp_path):
     assert "generator-0 died (killed by SIGKILL)" in stderr
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"  # zombie = gone
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 130), (signal.SIGKILL, -9)])
+def test_stopping_main_leaves_no_children(tiny_test_model, tmp_path, sig, code):
+    """SIGTERM stops like Ctrl-C (children stopped, exit 130); after kill -9 of main the children
+    notice their parent is gone and exit instead of running on as orphans."""
+    out = tmp_path / "stop"
+    proc = subprocess.Popen([sys.executable, "train.py", *small_flags(str(tiny_test_model), out, 500)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pids = []
+        deadline = time.time() + 200
+        while time.time() < deadline and proc.poll() is None:  # wait until training runs
+            rows = read_jsonl(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+            if any("train_reward" in r for r in rows):
+                pids = [e["pid"] for e in read_jsonl(out / "events.jsonl") if e.get("event") == "start"]
+                break
+            time.sleep(0.5)
+        assert len(pids) == 2, "training never started"
+        proc.send_signal(sig)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == code
+    deadline = time.time() + 15
+    while time.time() < deadline and any(map(_alive, pids)):
+        time.sleep(0.5)
+    assert not any(map(_alive, pids))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_nan_loss_stops_the_run(tiny_test_model, tmp_path):
