@@ -70,10 +70,11 @@ def main() -> None:
 
     # 1. tokens/s: the same batch through each engine
     new, temp = args.new_tokens, args.temperature
-    methods = {
+    fixed = bench_sampler.without_eos(TorchSampler(policy, tokenizer, seed=0))
+    methods = {  # generate and the torch row make exactly `new` tokens; vLLM still stops at EOS
         "transformers generate": lambda: bench_sampler.hf_generate(
-            policy, tokenizer, prompts, 1, new, temp, ts.eos_ids),
-        "torch backend": lambda: bench_sampler.ours(ts, prompts, 1, new, temp),
+            policy, tokenizer, prompts, 1, new, temp),
+        "torch backend": lambda: bench_sampler.ours(fixed, prompts, 1, new, temp),
         "vLLM backend": lambda: bench_sampler.ours(vs, prompts, 1, new, temp),
     }
     best, tokens = best_seconds(methods, args.repeats)
