@@ -25,7 +25,7 @@ from eval import evaluate
 from sampler import TorchSampler
 from value_head import PolicyWithValue, load_policy, seeded_value_head
 
-CACHE_VERSION = "tiny-v1"  # bump when the recipe changes: ensure_tiny then builds a fresh copy
+CACHE_VERSION = "tiny-v2"  # bump when the recipe changes: ensure_tiny then builds a fresh copy
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 STEP_TOKENS = ("</step>", "<answer>", "</answer>")  # = countdown.STEP_END, ANSWER_OPEN, ANSWER_CLOSE
@@ -79,7 +79,7 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast, size: str = "default") -> Qw
 # Warm start: a fixed number of steps (not a time budget) and a fixed torch thread count, so
 # that a seed fixes the weights. Calibrated on 2 CPU cores to land at the blog's pre-RL level.
 SFT = {
-    "default": {"n_train": 20000, "steps": 1000, "batch_size": 32, "lr": 3e-3, "threads": 2},
+    "default": {"n_train": 20000, "steps": 2000, "batch_size": 32, "lr": 3e-3, "threads": 2},
     # seconds, for the test suite; one thread: its matmuls are too small to split
     "test": {"n_train": 512, "steps": 40, "batch_size": 16, "lr": 1e-2, "threads": 1},
 }
