@@ -3,9 +3,9 @@ plus one end-to-end check with the real tiny model."""
 
 import json
 import math
-from dataclasses import dataclass
 
 import pytest
+from fakes import CharTokenizer, FakeCompletion
 
 import countdown
 from countdown import ANSWER_CLOSE, STEP_END, Problem
@@ -24,27 +24,6 @@ from mcts import (
 
 PROBLEM = Problem(nums=(1, 2, 3, 4), target=10)
 S = math.sqrt
-
-
-@dataclass
-class FakeCompletion:  # private stand-in for sampler.Completion (same fields)
-    tokens: list
-    logprobs: list
-    text: str
-    finish_reason: str
-    value: float | None = None
-
-
-class CharTokenizer:
-    """One token per character; no chat template, so make_prompt gives plain text + newline."""
-
-    chat_template = None
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": [ord(ch) for ch in text]}
-
-    def decode(self, ids, skip_special_tokens=False):
-        return "".join(map(chr, ids))
 
 
 class ScriptedSampler:

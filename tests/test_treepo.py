@@ -2,9 +2,9 @@
 hand in the comments), plus one check with the real tiny model."""
 
 import math
-from dataclasses import dataclass
 
 import pytest
+from fakes import CharTokenizer, FakeCompletion
 
 import countdown
 from countdown import ANSWER_CLOSE, Problem
@@ -13,30 +13,6 @@ from treepo import TreePOConfig, branching_budget, has_repetition, tree_advantag
 P10 = Problem(nums=(1, 2, 3, 4), target=10)
 P24 = Problem(nums=(1, 2, 3, 4), target=24)
 P14 = Problem(nums=(2, 3, 4, 5), target=14)
-
-
-@dataclass
-class FakeCompletion:  # private stand-in for sampler.Completion (same fields)
-    tokens: list
-    logprobs: list
-    text: str
-    finish_reason: str
-    value: float | None = None
-
-
-class CharTokenizer:
-    """One token per character; no chat template, so make_prompt gives plain text + newline."""
-
-    chat_template = None
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": [ord(ch) for ch in text]}
-
-    def decode(self, ids, skip_special_tokens=False):
-        return "".join(map(chr, ids))
-
-    def batch_decode(self, batch, skip_special_tokens=False):
-        return [self.decode(ids) for ids in batch]
 
 
 def char_logprob(ch: str) -> float:
