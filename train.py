@@ -124,7 +124,7 @@ class Args:
     """value loss weight c_value (blog: 1.0)"""
     c_kl: float = 0.05
     """k3 KL(pi_theta || pi_ref) weight c_KL (blog: 0.05)"""
-    lr: float = 3e-4
+    lr: float = 3e-5
     """AdamW learning rate (blog author's code: 5e-6 for the 1.5B model)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
