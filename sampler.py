@@ -211,6 +211,16 @@ class HFDecoder:
         self.mask = self.mask[index]
 
 
+def check_generate_args(prompts: list[list[int]], n: int, max_new_tokens: int,
+                        temperature: float, top_p: float) -> None:
+    """One clear error for a bad generate() call, the same for every backend."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt and no empty prompt")
+    if n < 1 or max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"bad sampling arguments: n={n}, max_new_tokens={max_new_tokens}, "
+                         f"temperature={temperature}, top_p={top_p}")
+
+
 class TorchSampler:
     """Batched KV-cache sampler on the policy in this process (backend "torch")."""
 
@@ -262,11 +272,7 @@ class TorchSampler:
                  stop: Sequence[str] = (STEP_END, ANSWER_CLOSE),
                  want_values: bool = False) -> list[list[Completion]]:
         """n samples per prompt -> [len(prompts)][n] Completions; each prompt's KV is computed once."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate needs at least one prompt and no empty prompt")
-        if n < 1 or max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"bad sampling arguments: n={n}, max_new_tokens={max_new_tokens}, "
-                             f"temperature={temperature}, top_p={top_p}")
+        check_generate_args(prompts, n, max_new_tokens, temperature, top_p)
         stop = tuple(s for s in stop if s)
         self.decoder.refresh()
         unique = list(dict.fromkeys(tuple(p) for p in prompts))  # shared prefixes: encode once

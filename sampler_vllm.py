@@ -47,7 +47,7 @@ from vllm.inputs import TokensPrompt
 from vllm.platforms import current_platform
 
 from countdown import ANSWER_CLOSE, STEP_END
-from sampler import Completion, TorchSampler
+from sampler import Completion, TorchSampler, check_generate_args
 from value_head import VALUE_HEAD_FILE, PolicyWithValue
 
 BLOCK_SIZE = 32  # prefix-cache granularity in tokens (the CPU attention kernel's minimum)
@@ -133,8 +133,7 @@ class VLLMSampler:
                  stop: Sequence[str] = (STEP_END, ANSWER_CLOSE),
                  want_values: bool = False) -> list[list[Completion]]:
         """n samples per prompt -> [len(prompts)][n] Completions, all prompts in one engine call."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate needs at least one prompt and no empty prompt")
+        check_generate_args(prompts, n, max_new_tokens, temperature, top_p)
         copies = n if temperature == 0 else 1  # vLLM refuses greedy n > 1: one sample, n copies
         params = SamplingParams(
             n=n // copies, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
