@@ -14,3 +14,14 @@ def tiny_test_model(tmp_path_factory) -> Path:
     import tiny
 
     return tiny.build_tiny(tmp_path_factory.mktemp("tiny") / "model", seed=0, size="test")
+
+
+@pytest.fixture
+def tiny_sampler(tiny_test_model):
+    """A seeded TorchSampler over the test-size tiny model: the real-model checks of the search
+    methods (trajectories vs a teacher-forced forward) start from it."""
+    from sampler import TorchSampler
+    from value_head import load_policy
+
+    policy, tokenizer = load_policy(str(tiny_test_model))
+    return TorchSampler(policy, tokenizer, seed=0)

@@ -353,17 +353,12 @@ def test_tree_dict_is_json_and_config_errors_are_one_line():
 # --- the real tiny model -------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_search_with_tiny_model_matches_teacher_forced_logprobs(request):
-    sampler_mod = pytest.importorskip("sampler")
-    torch = pytest.importorskip("torch")
+def test_search_with_tiny_model_matches_teacher_forced_logprobs(tiny_sampler):
+    import torch
+
     from losses import token_logprobs
-    from value_head import load_policy
-    try:
-        model_dir = request.getfixturevalue("tiny_test_model")
-    except pytest.FixtureLookupError:
-        pytest.skip("tests/conftest.py has no tiny_test_model fixture yet")
-    policy, tokenizer = load_policy(str(model_dir))
-    sampler = sampler_mod.TorchSampler(policy, tokenizer, seed=0)
+
+    sampler, policy, tokenizer = tiny_sampler, tiny_sampler.policy, tiny_sampler.tokenizer
     cfg = MCTSConfig(workers=4, iterations=12, k=3, max_total_tokens=96)
     problems = countdown.make_splits(seed=0, n_train=0, n_test=2)[1]
     for problem, res in zip(problems, search(problems, sampler, cfg)):

@@ -276,17 +276,12 @@ def test_config_rejects_bad_values():
 # --- the real tiny model -------------------------------------------------------------------------
 
 @pytest.mark.slow  # the session fixture builds the tiny model (seconds to minutes on a busy box)
-def test_tiny_model_rollouts_match_teacher_forced_logprobs(request):
-    sampler_mod = pytest.importorskip("sampler")
-    torch = pytest.importorskip("torch")
+def test_tiny_model_rollouts_match_teacher_forced_logprobs(tiny_sampler):
+    import torch
+
     from losses import token_logprobs
-    from value_head import load_policy
-    try:
-        model_dir = request.getfixturevalue("tiny_test_model")
-    except pytest.FixtureLookupError:
-        pytest.skip("tests/conftest.py has no tiny_test_model fixture yet")
-    policy, tokenizer = load_policy(str(model_dir))
-    sampler = sampler_mod.TorchSampler(policy, tokenizer, seed=0)
+
+    sampler, policy, tokenizer = tiny_sampler, tiny_sampler.policy, tiny_sampler.tokenizer
     cfg = TreePOConfig(segment_len=8, max_depth=4, branch=2, width=6)
     problems = countdown.make_splits(seed=0, n_train=0, n_test=2)[1]
     out = treepo_rollouts(problems, sampler, cfg)
