@@ -80,15 +80,20 @@ def ours(sampler, prompts, n, new_tokens, temperature):
     return sum(len(c.tokens) for samples in out for c in samples)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def common_args(doc: str) -> argparse.ArgumentParser:
+    """The flags every sampler benchmark takes (this one and benchmarks/sampler_vllm.py)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--trained", action="store_true", help="use tiny.ensure_tiny() (builds once)")
     ap.add_argument("--prompts", type=int, default=64, help="number of prompts (batch)")
     ap.add_argument("--new-tokens", type=int, default=64, help="max new tokens per sample")
     ap.add_argument("--temperature", type=float, default=0.8, help="the author's expansion temperature")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per method (best is kept)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the CI box has 2 cores)")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = common_args(__doc__).parse_args()
     torch.set_num_threads(args.threads)
 
     policy, tokenizer = load_model(args.trained)

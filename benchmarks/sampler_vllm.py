@@ -8,7 +8,6 @@ vLLM's prefix-cache hit rate), engine start and weight-sync latency.
 Needs the vllm package (requirements-vllm.txt).
 """
 
-import argparse
 import importlib.util
 import statistics
 import sys
@@ -44,16 +43,10 @@ def best_seconds(methods: dict, repeats: int) -> tuple[dict, dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--trained", action="store_true", help="use tiny.ensure_tiny() (builds once)")
-    ap.add_argument("--prompts", type=int, default=64, help="batch: number of prompts")
-    ap.add_argument("--new-tokens", type=int, default=64, help="max new tokens per sample")
-    ap.add_argument("--temperature", type=float, default=0.8, help="the author's expansion temperature")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per method (best is kept)")
+    ap = bench_sampler.common_args(__doc__)
     ap.add_argument("--trees", type=int, default=8, help="MCTS trees searched together")
     ap.add_argument("--iterations", type=int, default=32, help="MCTS selections per tree (M)")
     ap.add_argument("--syncs", type=int, default=5, help="timed weight syncs")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (the CI box has 2 cores)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
