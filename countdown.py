@@ -260,11 +260,23 @@ def load_jsonl(path: str | Path) -> list[Problem]:
 # Prompt
 
 
-def make_prompt(problem: Problem, tokenizer=None) -> str:
-    """The full prompt: a short user message (the tiny model is character-level), chat-templated
-    when the tokenizer has a template."""
-    msg = (f"Use {' '.join(map(str, problem.nums))} to make {problem.target} with + - * /, "
-           f"each once. End steps with {STEP_END}, answer in {ANSWER_OPEN}{ANSWER_CLOSE}.")
+def make_prompt(problem: Problem, tokenizer=None, style: str | None = None) -> str:
+    """The full prompt, chat-templated when the tokenizer has a template.
+
+    Two message styles: "instruct" (default) states the task in words, for instruct models such
+    as Qwen-2.5-Instruct; "short" gives only the numbers and the target, for the embedded
+    character-level tiny model, which learns the format from its warm start and for which every
+    prompt character is a token (the instruct message made ~70% of each training sequence).
+    A tokenizer declares its style as `countdown_prompt` in its tokenizer_config.json."""
+    style = style or getattr(tokenizer, "init_kwargs", {}).get("countdown_prompt", "instruct")
+    nums = " ".join(map(str, problem.nums))
+    if style == "short":
+        msg = f"Use {nums} to make {problem.target}."
+    elif style == "instruct":
+        msg = (f"Use {nums} to make {problem.target} with + - * /, each once. "
+               f"End steps with {STEP_END}, answer in {ANSWER_OPEN}{ANSWER_CLOSE}.")
+    else:
+        raise ValueError(f"unknown prompt style {style!r}; expected 'instruct' or 'short'")
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         return msg + "\n"
     return tokenizer.apply_chat_template([{"role": "user", "content": msg}],

@@ -145,17 +145,17 @@ def select_answer(completions: list, select: str = "vote"):
 
 def mcts_budget_config(budget: int, max_new_tokens: int, k: int, workers: int,
                        step_tokens: int) -> MCTSConfig | None:
-    """An MCTS config that cannot generate more than `budget` tokens: each selection expands at
-    most one leaf (<= k * step_tokens tokens) and the final rollout writes at most
-    max_total_tokens, so iterations = (budget - max_total_tokens) // (k * step_tokens).
-    Half the budget (at most max_new_tokens) is the completion cap. None if no expansion fits."""
+    """An MCTS config that cannot generate more than `budget` tokens: `max_tree_tokens = budget`
+    (mcts.py stops a tree's search when a worst-case expansion plus the final rollout would not
+    fit). Half the budget (at most max_new_tokens) is the completion cap; iterations = budget is
+    only an upper bound (an expansion costs >= 1 token). None if no expansion fits."""
     max_total = min(max_new_tokens, budget // 2)
-    iterations = (budget - max_total) // (k * step_tokens)
-    if iterations < 1:
+    if budget < k * step_tokens + max_total:
         return None
     # selection by visits and the value head at terminals: no ground truth at test time
-    return MCTSConfig(workers=workers, iterations=iterations, k=k, max_step_tokens=step_tokens,
-                      max_total_tokens=max_total, select="visits", terminal_value="value_head")
+    return MCTSConfig(workers=workers, iterations=budget, k=k, max_step_tokens=step_tokens,
+                      max_total_tokens=max_total, select="visits", terminal_value="value_head",
+                      max_tree_tokens=budget)
 
 
 def answer_with_search(sampler, problems: Sequence[Problem], method: str, budget: int, *,
@@ -164,13 +164,13 @@ def answer_with_search(sampler, problems: Sequence[Problem], method: str, budget
                        ) -> tuple[list[str], list[int], list]:
     """One answer per problem within `budget` generated tokens: "none" (one sample), "bon"
     (samples while the budget lasts, `select_answer`) or "mcts" (`mcts.search`).
-    Returns (answer texts, tokens used per problem, search roots (mcts only))."""
+    Returns (answer texts, tokens used per problem, mcts.SearchResults (mcts only))."""
     if method == "mcts":
         if mcts_cfg is None:
             raise ValueError(f"no MCTS config fits a budget of {budget} tokens")
         results = mcts_search(list(problems), sampler, mcts_cfg)
         return ([r.text for r in results], [r.stats["tokens_generated"] for r in results],
-                [r.root for r in results])
+                results)
     if method not in ("none", "bon"):
         raise ValueError(f"search must be one of {SEARCH_METHODS}, got {method!r}")
     prompts = [prompt_ids(p, sampler.tokenizer) for p in problems]
@@ -197,24 +197,26 @@ def search_eval(sampler, problems: Sequence[Problem], methods: Sequence[str],
             if method == "mcts" and cfg is None:
                 print(f"mcts: no expansion fits a budget of {budget} tokens, skipped")
                 continue
-            rewards, used = [], []
+            rewards, used, selections = [], [], []
             for start in tqdm(range(0, len(problems), batch_size), disable=not progress,
                               desc=f"{method} @ {budget} tokens"):
                 chunk = problems[start:start + batch_size]
-                texts, tokens, roots = answer_with_search(
+                texts, tokens, searches = answer_with_search(
                     sampler, chunk, method, budget, max_new_tokens=max_new_tokens,
                     temperature=temperature, bon_select=bon_select, mcts_cfg=cfg)
                 rewards += [sparse_reward(t, p) for t, p in zip(texts, chunk, strict=True)]
                 used += tokens
+                selections += [r.stats["selections"] for r in searches]
                 if dump_trees is not None and start < dump_count:
-                    dump_search_trees(dump_trees, budget, start, chunk, roots[:dump_count - start])
+                    dump_search_trees(dump_trees, budget, start, chunk,
+                                      [r.root for r in searches[:dump_count - start]])
             if max(used) > budget:  # cannot happen by construction; the comparison rests on it
                 raise RuntimeError(f"{method} used {max(used)} > {budget} tokens")
             rows.append({"method": method, "budget_tokens": budget,
                          "accuracy": float(np.mean(rewards)), "ci95": ci95_half_width(rewards),
                          "mean_tokens_used": float(np.mean(used)), "max_tokens_used": max(used),
                          "n_problems": len(problems),
-                         **({"mcts_iterations": cfg.iterations} if cfg else {})})
+                         **({"mcts_selections": float(np.mean(selections))} if cfg else {})})
     return rows
 
 

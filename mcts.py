@@ -24,6 +24,10 @@ Interpretation choices (the README repeats them):
   async worker waiting on that expansion would), then drops it without a backup.
   A selected terminal leaf needs no model call: its reward is backed up at once.
   M counts selections per tree, all workers together: ceil(M / workers) rounds.
+- Token budget (`max_tree_tokens`, for equal-compute comparisons in eval.py): the search of a
+  tree stops when the next expansion could overrun it, counting each expansion at its worst case
+  (K samples of max_step_tokens) and keeping max_total_tokens for the final rollout. Unlike a
+  fixed worst-case M, the search spends what short steps and free terminal selections leave.
 - Identical sibling steps (same tokens) are merged into one child whose prior is the sum of
   their softmax shares: same prior mass as keeping both, without splitting the search between
   identical subtrees.
@@ -61,6 +65,9 @@ class MCTSConfig:
     #                         "best_reward" (best terminal reward in the tree: ground truth, training only)
     terminal_value: str = "reward"  # terminal evaluation: "reward" (dense reward, needs the target)
     #                                 or "value_head" (V(s) at the end: test-time search, no target)
+    max_tree_tokens: int = 0  # token budget per tree (0: none): a leaf is expanded only while
+    #   tokens generated + k * max_step_tokens + max_total_tokens (room for the final rollout)
+    #   fits, so search + rollout never exceed it; the search of a tree ends when no expansion fits
 
 
 @dataclass(eq=False)
@@ -233,6 +240,23 @@ def _check(cfg: MCTSConfig) -> None:
     for name in ("workers", "iterations", "k", "max_step_tokens", "max_total_tokens"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"MCTSConfig.{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.max_tree_tokens < 0:
+        raise ValueError(f"MCTSConfig.max_tree_tokens must be >= 0, got {cfg.max_tree_tokens}")
+    if 0 < cfg.max_tree_tokens < expansion_cost(cfg) + cfg.max_total_tokens:
+        raise ValueError(f"MCTSConfig.max_tree_tokens={cfg.max_tree_tokens} leaves no room for one "
+                         f"expansion ({expansion_cost(cfg)}) plus the final rollout "
+                         f"({cfg.max_total_tokens})")
+
+
+def expansion_cost(cfg: MCTSConfig) -> int:
+    """Most tokens one expansion can generate: K samples of at most max_step_tokens."""
+    return cfg.k * cfg.max_step_tokens
+
+
+def can_expand(tokens_used: int, cfg: MCTSConfig) -> bool:
+    """Token budget: one more worst-case expansion still leaves max_total_tokens for the rollout."""
+    return (not cfg.max_tree_tokens
+            or tokens_used + expansion_cost(cfg) + cfg.max_total_tokens <= cfg.max_tree_tokens)
 
 
 def search(problems: list[countdown.Problem], sampler, cfg: MCTSConfig | None = None
@@ -251,6 +275,9 @@ def search(problems: list[countdown.Problem], sampler, cfg: MCTSConfig | None = 
     counters = ("nodes", "expansions", "collisions", "terminal_backups", "tokens_generated",
                 "forward_tokens", "forward_tokens_reencode")
     stats = [dict.fromkeys(counters, 0) for _ in problems]
+    selections = [0] * len(problems)
+    committed = [0] * len(problems)  # tokens generated + worst case of this round's expansions
+    out_of_budget = [False] * len(problems)  # token budget spent: this tree's search is over
     calls = 0
     forward_before = getattr(sampler, "forward_tokens", 0)
 
@@ -275,18 +302,27 @@ def search(problems: list[countdown.Problem], sampler, cfg: MCTSConfig | None = 
         waiting: list[list[Node]] = []  # collided paths holding virtual loss until the backup
         for t, root in enumerate(roots):
             in_round: set[int] = set()
+            committed[t] = stats[t]["tokens_generated"]
             for _ in range(min(cfg.workers, cfg.iterations - start)):
+                if out_of_budget[t]:
+                    break
                 path = select_leaf(root, cfg)
                 leaf = path[-1]
+                selections[t] += 1
                 if leaf.terminal:  # nothing to expand: back up its evaluation at once
                     backup(path, evaluate(leaf, cfg), cfg)
                     stats[t]["terminal_backups"] += 1
                 elif id(leaf) in in_round:
                     waiting.append(path)
                     stats[t]["collisions"] += 1
+                elif not can_expand(committed[t], cfg):  # token budget spent: search over
+                    _remove_virtual_loss(path, cfg)
+                    selections[t] -= 1
+                    out_of_budget[t] = True
                 else:
                     in_round.add(id(leaf))
                     pending.append((t, path))
+                    committed[t] += expansion_cost(cfg)
         if pending:
             jobs = [(t, path[-1]) for t, path in pending]
             budget = max(cfg.max_total_tokens - leaf.length for _, leaf in jobs)
@@ -299,12 +335,15 @@ def search(problems: list[countdown.Problem], sampler, cfg: MCTSConfig | None = 
                 stats[t]["nodes"] += len(path[-1].children)
         for path in waiting:
             _remove_virtual_loss(path, cfg)
+        if all(out_of_budget):
+            break
 
     paths = [greedy_select(root, cfg.select) for root in roots]
     # A path that stops at a non-terminal node is finished by one policy rollout to the answer.
     jobs = [(t, path[-1]) for t, path in enumerate(paths) if not path[-1].terminal]
     rollouts = {}
     if jobs:
+        # can_expand kept max_total_tokens free, so every rollout fits in the tree's budget
         budget = max(cfg.max_total_tokens - node.length for _, node in jobs)
         outs = generate(jobs, budget, n=1, stop=(ANSWER_CLOSE,), want_values=False)
         rollouts = {t: samples[0] for (t, _), samples in zip(jobs, outs)}
@@ -325,7 +364,7 @@ def search(problems: list[countdown.Problem], sampler, cfg: MCTSConfig | None = 
         s = stats[t]
         s.update(depth=len(steps), max_depth=max(n.depth for n in _nodes(roots[t])),
                  rollout_tokens=len(rollout.tokens) if rollout is not None else 0,
-                 root_visits=roots[t].N, selections=cfg.iterations,
+                 root_visits=roots[t].N, selections=selections[t],
                  prefix_reuse_saved=1 - s["forward_tokens"] / max(s["forward_tokens_reencode"], 1),
                  sampler_calls=calls,  # shared by all trees of this search
                  sampler_forward_tokens=forward_all)  # the sampler's own count, all trees

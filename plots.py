@@ -61,7 +61,15 @@ def load_run(run_dir: str | Path) -> dict:
 
 
 def series(rows: list[dict], x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) over the rows that carry both keys (eval rows only every few steps), sorted by x."""
+    """(x, y) over the rows that carry both keys (eval rows only every few steps), sorted by x.
+    A row without generated tokens (the step-0 eval of runs from before train.py logged it)
+    takes the last count before it, 0 at the start: the eval curve by tokens keeps its first point."""
+    if x_key == TOKENS:
+        tokens, filled = 0, []
+        for r in sorted(rows, key=lambda r: r.get(STEP) if r.get(STEP) is not None else -1):
+            tokens = r.get(TOKENS) if r.get(TOKENS) is not None else tokens
+            filled.append({**r, TOKENS: tokens})
+        rows = filled
     pts = sorted((r[x_key], r[y_key]) for r in rows
                  if r.get(x_key) is not None and r.get(y_key) is not None)
     return np.array([p[0] for p in pts], dtype=float), np.array([p[1] for p in pts], dtype=float)

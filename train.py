@@ -102,6 +102,8 @@ class Args:
     """pUCT exploration coefficient (blog: 0.5)"""
     mcts_virtual_value: float = -1.0
     """value each virtual visit counts with: -1 = classic virtual loss (default), 0 = visits only (blog table)"""
+    mcts_max_tree_tokens: int = 0
+    """MCTS token budget per tree (0: none; bound by M alone): search + rollout stay within it"""
     mcts_select: Literal["visits", "q", "best_reward"] = "visits"
     """greedy selection after search: most-visited child (blog), highest Q, or best terminal reward"""
     temperature: float = 1.0
@@ -216,6 +218,10 @@ def check_args(args: Args) -> None:
     if traj_per_step(args) % args.n_trainers:
         what = ("cispo_groups x group_size" if args.method in GROUP_METHODS else "batch_size")
         fail(f"{what} = {traj_per_step(args)} is not divisible by --n-trainers {args.n_trainers}")
+    need = args.mcts_k * args.max_step_tokens + args.max_new_tokens
+    if args.method == "mcts" and 0 < args.mcts_max_tree_tokens < need:
+        fail(f"--mcts-max-tree-tokens {args.mcts_max_tree_tokens} leaves no room for one expansion "
+             f"plus the rollout: needs >= mcts_k x max_step_tokens + max_new_tokens = {need}")
     if args.eval_problems > 820:
         fail(f"--eval-problems {args.eval_problems} exceeds the 820 test problems")
     if args.dry_run:
@@ -317,7 +323,8 @@ def mcts_trajectories(problems, sampler, args: Args, version: int) -> list[dict]
     cfg = mcts.MCTSConfig(workers=args.mcts_workers, iterations=args.mcts_iterations, k=args.mcts_k,
                           c_puct=args.c_puct, temperature=args.temperature,
                           max_step_tokens=args.max_step_tokens, max_total_tokens=args.max_new_tokens,
-                          virtual_value=args.mcts_virtual_value, select=args.mcts_select)
+                          virtual_value=args.mcts_virtual_value, select=args.mcts_select,
+                          max_tree_tokens=args.mcts_max_tree_tokens)
     return [trajectory(r.prompt_ids, r.tokens, r.logprobs, r.reward, math.nan, version)
             for r in mcts.search(problems, sampler, cfg)]
 
@@ -552,8 +559,9 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
         return {f"eval_mean_at_{args.eval_n}": r["mean_at_n"], "eval_ci95": r["ci95"],
                 "eval_format_rate": r["format_rate"], "eval_mean_len": r["mean_len"]}
 
-    if rank == 0 and not resume_ckpt:  # mean@16 "before"
-        sh.log_q.put({"row": {"step": step, "wall_time": wall(), **evaluate()}})
+    if rank == 0 and not resume_ckpt:  # mean@16 "before": no trajectory trained on yet
+        sh.log_q.put({"row": {"step": step, "wall_time": wall(), "generated_tokens": 0,
+                              **evaluate()}})
     last = False
     while not last:
         batch = []

@@ -268,6 +268,14 @@ def test_prompt():
     assert make_prompt(P, FakeTokenizer(None)) == msg + "\n"
     assert make_prompt(P, FakeTokenizer("{{ messages }}")) == f"<user>{msg}</user><assistant>"
     assert len(make_prompt(Problem((13, 13, 13, 13), 100))) <= 110
+    # "short" (the tiny model): asked for, or declared by the tokenizer's config
+    assert make_prompt(P, style="short") == "Use 4 3 13 3 to make 24.\n"
+    short_tok = FakeTokenizer(None)
+    short_tok.init_kwargs = {"countdown_prompt": "short"}
+    assert make_prompt(P, short_tok) == "Use 4 3 13 3 to make 24.\n"
+    assert make_prompt(P, short_tok, style="instruct") == msg + "\n"
+    with pytest.raises(ValueError, match="unknown prompt style"):
+        make_prompt(P, style="long")
 
 
 # --- splits and files ----------------------------------------------------------------------------

@@ -141,8 +141,8 @@ def test_budget_harness_never_exceeds_the_budget(method, budget):
         # no expansion (2 * 16 tokens) fits next to the completion cap (half the budget)
         assert budget < 2 * (2 * 16)
         return
-    texts, used, roots = ev.answer_with_search(sampler, problems, method, budget,
-                                               max_new_tokens=128, mcts_cfg=cfg)
+    texts, used, searches = ev.answer_with_search(sampler, problems, method, budget,
+                                                  max_new_tokens=128, mcts_cfg=cfg)
     returned = [sampler.returned[tuple(ev.prompt_ids(p, sampler.tokenizer))] for p in problems]
     assert used == returned  # the harness counts exactly the tokens the sampler returned
     assert max(returned) <= budget
@@ -153,15 +153,17 @@ def test_budget_harness_never_exceeds_the_budget(method, budget):
     if method == "bon" and budget >= 128:  # several samples were drawn: most of the budget used
         assert min(returned) > budget // 2
     if method == "mcts":
-        assert len(roots) == len(problems) and all(1 <= r.N <= cfg.iterations for r in roots)
+        assert len(searches) == len(problems)
+        assert all(1 <= r.root.N <= r.stats["selections"] for r in searches)
 
 
 def test_mcts_budget_config_worst_case_fits():
-    # budget 512, completion cap min(128, 256) = 128; each expansion <= k * step = 4 * 16 = 64
+    # budget 512: completion cap min(128, 512 // 2) = 128; one expansion <= k * step = 64 tokens
     cfg = ev.mcts_budget_config(512, 128, k=4, workers=1, step_tokens=16)
-    assert (cfg.iterations, cfg.max_total_tokens) == ((512 - 128) // 64, 128)
-    assert cfg.iterations * cfg.k * cfg.max_step_tokens + cfg.max_total_tokens <= 512
+    assert (cfg.max_tree_tokens, cfg.max_total_tokens, cfg.max_step_tokens) == (512, 128, 16)
+    assert cfg.iterations >= 512  # only an upper bound: the token budget ends the search
     assert (cfg.select, cfg.terminal_value) == ("visits", "value_head")  # no ground truth
+    assert ev.mcts_budget_config(128, 128, k=4, workers=1, step_tokens=16) is not None  # 64+64
     assert ev.mcts_budget_config(100, 128, k=4, workers=1, step_tokens=16) is None  # 50 + 64 > 100
 
 

@@ -1,6 +1,7 @@
 """mcts.py against a scripted deterministic policy (numbers worked out by hand in the comments),
 plus one end-to-end check with the real tiny model."""
 
+import dataclasses
 import json
 import math
 
@@ -348,6 +349,34 @@ def test_tree_dict_is_json_and_config_errors_are_one_line():
     assert tree["children"][3]["terminal"] and tree["children"][3]["reward"] == 1.0
     with pytest.raises(ValueError, match="select must be one of"):
         search([PROBLEM], ScriptedSampler(hand_script), MCTSConfig(select="best"))
+
+
+def test_token_budget_stops_the_search_before_a_worst_case_expansion_overruns_it():
+    # endless_script: every step is 12 tokens ("1+0=1</step>"), 4 per expansion = 48 tokens;
+    # worst case 4 * 16 = 64. Budget 224 keeps max_total_tokens = 64 for the rollout, so an
+    # expansion starts only while used + 64 + 64 <= 224, i.e. used <= 96: at 0, 48 and 96.
+    # The rollout (24 tokens) finishes the greedy path root -> c1 -> c1's first child.
+    sampler = ScriptedSampler(endless_script)
+    cfg = MCTSConfig(workers=1, iterations=100, k=4, max_step_tokens=16, max_total_tokens=64,
+                     max_tree_tokens=224)
+    [res] = search([PROBLEM], sampler, cfg)
+    assert res.stats["expansions"] == 3 and res.stats["selections"] == 3
+    assert res.stats["tokens_generated"] == 3 * 48 + len(ANSWER) == 168 <= 224
+    assert len(sampler.calls) == 4 and sampler.calls[-1]["stop"] == (ANSWER_CLOSE,)
+    # 4 workers: round 1 expands the root (3 collide); round 2, worker 1 commits 48 + 64 = 112
+    # tokens, then worker 2 finds 112 + 64 + 64 > 224: the tree's search is over.
+    sampler = ScriptedSampler(endless_script)
+    [res] = search([PROBLEM], sampler, dataclasses.replace(cfg, workers=4))
+    assert res.stats["expansions"] == 2 and res.stats["collisions"] == 3
+    assert res.stats["tokens_generated"] == 2 * 48 + len(ANSWER)
+    assert all(n.vloss == 0 for n in all_nodes(res.root))
+    for budget in range(128, 400, 7):  # never over budget
+        [res] = search([PROBLEM], ScriptedSampler(endless_script),
+                       dataclasses.replace(cfg, max_tree_tokens=budget))
+        assert res.stats["tokens_generated"] <= budget
+    with pytest.raises(ValueError, match="no room for one expansion"):
+        search([PROBLEM], ScriptedSampler(endless_script),
+               dataclasses.replace(cfg, max_tree_tokens=127))
 
 
 # --- the real tiny model -------------------------------------------------------------------------

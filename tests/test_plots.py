@@ -147,3 +147,16 @@ def test_short_label():
     assert plots.short_label("12*13=156</step>", 8) == "12*13=1…"
     assert plots.short_label("<answer>1+2</answer>", 30) == "<answer>1+2</answer>"
     assert plots.short_label("1+2=3\n", 8) == "1+2=3"
+
+
+def test_step0_eval_without_generated_tokens_is_drawn_at_zero_tokens(tmp_path):
+    # runs logged before train.py wrote generated_tokens on the step-0 eval row: that row has
+    # eval but no tokens; by tokens it takes the count before it (0), later rows keep theirs
+    rows = [{"step": 0, "eval_mean_at_16": 0.03},
+            {"step": 1, "generated_tokens": 500, "train_reward": 0.1},
+            {"step": 2, "generated_tokens": 900, "train_reward": 0.2, "eval_mean_at_16": 0.05}]
+    write_run(tmp_path / "old", "mcts", 0, rows)
+    fig = plots.eval_figure([plots.load_run(tmp_path / "old")])
+    x, y = line(fig.axes[1], "mcts")
+    np.testing.assert_allclose(x, [0, 900])
+    np.testing.assert_allclose(y, [0.03, 0.05])

@@ -57,7 +57,8 @@ def test_step_tags_are_single_non_special_tokens(tok):
 
 def test_chat_template_is_qwens(tok, problems):
     for p in problems[:5]:
-        message = countdown.make_prompt(p)[:-1]  # plain text prompt ends with one newline
+        message = countdown.make_prompt(p, style="short")[:-1]  # plain text ends with a newline
+        assert message == f"Use {' '.join(map(str, p.nums))} to make {p.target}."
         expected = f"<|im_start|>user\n{message}<|im_end|>\n<|im_start|>assistant\n"
         assert countdown.make_prompt(p, tok) == expected
 

@@ -180,6 +180,8 @@ def test_blog_preset_dry_run_prints_config_without_starting(tmp_path, capsys):
     (["--preset", "blog", "--dry-run", "--method", "cispo", "--n-trainers", "3"],
      "cispo_groups x group_size = 2048 is not divisible"),
     (["--steps", "0"], "--steps must be >= 1"),
+    # default mcts_k 4 x max_step_tokens 32 + max_new_tokens 96 = 224
+    (["--mcts-max-tree-tokens", "200"], "needs >= mcts_k x max_step_tokens + max_new_tokens = 224"),
 ])
 def test_invalid_combination_is_one_line_error(flags, message):
     with pytest.raises(SystemExit) as e:
