@@ -78,9 +78,20 @@ def evaluate(sampler, problems: Sequence[Problem], n: int = 16, temperature: flo
         "format_rate": float(np.mean(formatted)),
         "mean_len": float(np.mean(lengths)),
         "pass_at_n": float(np.mean(per_problem > 0)),
+        "per_problem": per_problem.tolist(),  # mean@n of each problem, for paired comparisons
         "n_problems": len(problems),
         "n_samples": n,
     }
+
+
+def paired_difference(baseline: Sequence[float], model: Sequence[float]) -> dict:
+    """model - baseline on the same problems: mean and 95% CI of the per-problem differences.
+    Pairing removes the problem-to-problem spread (easy problems are easy for both), so the CI
+    is much tighter than the two separate CIs suggest."""
+    a, b = np.asarray(baseline, dtype=np.float64), np.asarray(model, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired comparison needs the same problems ({a.shape} vs {b.shape})")
+    return {"difference": float((b - a).mean()), "difference_ci95": ci95_half_width(b - a)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,6 +267,8 @@ class Args:
     mcts_step_tokens: int = 16  # cap on one step (the tiny model's steps are ~7 tokens)
     dump_trees: Path | None = None  # write the first trees of each MCTS search here as JSON
     dump_count: int = 4  # how many trees per budget --dump-trees writes
+    baseline: str | None = None  # also evaluate this checkpoint (same problems, same seed) and
+    #                              report the paired difference checkpoint - baseline with its CI
 
 
 def main(args: Args) -> dict:
@@ -285,9 +298,19 @@ def main(args: Args) -> dict:
     else:
         summary.update(evaluate(sampler, problems, n=args.n, temperature=args.temperature,
                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size))
+        if args.baseline:
+            base_policy, base_tok = load_policy(args.baseline)
+            base = evaluate(make_sampler(args.backend, base_policy, base_tok, seed=args.seed),
+                            problems, n=args.n, temperature=args.temperature,
+                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+            summary["baseline"] = {"checkpoint": args.baseline, **base}
+            summary.update(paired_difference(base["per_problem"], summary["per_problem"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
+    short = {k: v for k, v in summary.items() if k != "per_problem"}  # the file keeps them
+    if "baseline" in short:
+        short["baseline"] = {k: v for k, v in short["baseline"].items() if k != "per_problem"}
+    print(json.dumps(short, indent=2))
     if args.budget_tokens:
         import plots
 

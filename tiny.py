@@ -79,9 +79,10 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast, size: str = "default") -> Qw
 
 # Warm start: a fixed number of steps (not a time budget) and a fixed torch thread count, so
 # that a seed fixes the weights. The default lands at the blog's pre-RL level (measured: mean@16
-# 4.95% +- 0.56, format 98%, on the 820 test problems; ~6 min). Two threads: the build runs alone (before train.py starts any child
-# process, or in `python tiny.py`) and is ~1.8x faster than one thread on an idle 2-core box
-# (OpenMP threads slow down ~10x when other processes share the cores: don't build beside them).
+# 4.95% +- 0.56, format 98%, on the 820 test problems; built in ~6 min). Two threads: the build
+# runs alone (before train.py starts any child process, or in `python tiny.py`) and is ~1.8x
+# faster than one thread on an idle 2-core box (OpenMP threads slow down ~10x when other
+# processes share the cores: don't build beside them).
 SFT = {
     "default": {"n_train": 20000, "steps": 2000, "batch_size": 32, "lr": 3e-3, "threads": 2},
     # seconds, for the test suite

@@ -53,9 +53,10 @@ from value_head import PolicyWithValue, load_policy
 class Args:
     """Defaults are the embedded CPU run (tiny model, 2 cores); `--preset blog` is the blog's table."""
 
-    method: Literal["mcts", "cispo", "bon", "treepo", "treerl"] = "mcts"
+    method: Literal["mcts", "cispo", "bon", "treepo", "treerl", "sft"] = "mcts"
     """how generators pick training trajectories: tree search (blog), CISPO groups, best-of-N,
-    or the related tree-rollout methods TreePO (treepo.py) and TreeRL/EPTree (treerl.py)"""
+    the related tree-rollout methods TreePO (treepo.py) and TreeRL/EPTree (treerl.py), or the
+    control: sft = the solver's traces (the warm start's data), no sampling"""
     preset: Literal["none", "blog"] = "none"
     """'blog' starts from the blog's table of values (flags given next to it still win)"""
     model: str = "tiny"
@@ -134,7 +135,7 @@ class Args:
     """gradient norm clipping (blog author's code: 0.1)"""
     steps: int = 100000
     """optimizer steps to train for (the CPU default is bounded by --time-limit-min instead)"""
-    time_limit_min: float = 15.0
+    time_limit_min: float = 12.0
     """stop training at the first step after this many minutes from launch, then eval and checkpoint (0: no limit)"""
     eval_every: int = 100
     """evaluate mean@n every this many steps (also before the first and after the last step); 0: only those two"""
@@ -373,8 +374,32 @@ def treerl_trajectories(problems, sampler, args: Args, version: int) -> list[dic
                        t["advantages"], version) for t in treerl.treerl_rollouts(problems, sampler, cfg)]
 
 
+def sft_trajectories(problems, sampler, args: Args, version: int) -> list[dict]:
+    """The control of anchors.md ("Fair comparisons"): the warm start trained further on its own
+    data, the solver's step-format traces, through the same trainer step. Advantage 1 on every
+    token makes the CISPO term -sg(min(ratio, eps)) * log pi with ratio ~ 1 (old log-probs are
+    the policy's own, teacher-forced): supervised fine-tuning, KL and value loss included.
+    Nothing is sampled (generated_tokens stays 0). Without it, an RL gain may be just more SFT."""
+    tok, policy = sampler.tokenizer, sampler.policy
+    prompts = [evaluation.prompt_ids(p, tok) for p in problems]
+    traces = [tok(countdown.solution_trace(p), add_special_tokens=False)["input_ids"]
+              for p in problems]
+    trajs = []
+    device = next(policy.parameters()).device
+    with torch.no_grad():
+        for p, prompt, trace in zip(problems, prompts, traces, strict=True):
+            ids = torch.tensor([prompt + trace], device=device)
+            logits, _ = policy(ids)
+            logp = losses.token_logprobs(logits[:, len(prompt) - 1:-1], ids[:, len(prompt):])
+            trajs.append(trajectory(prompt, trace, logp[0].tolist(),
+                                    countdown.dense_reward(countdown.solution_trace(p), p), 1.0,
+                                    version))
+    return trajs
+
+
 PRODUCERS = {"mcts": mcts_trajectories, "cispo": cispo_trajectories, "bon": bon_trajectories,
-             "treepo": treepo_trajectories, "treerl": treerl_trajectories}
+             "treepo": treepo_trajectories, "treerl": treerl_trajectories,
+             "sft": sft_trajectories}
 
 
 def work_item(train: list, order: list[int], args: Args, g: int, pos: int) -> list:
@@ -753,7 +778,13 @@ def run(args: Args) -> int:
     except ImportError:
         writer = None
     eval_key = f"eval_mean_at_{args.eval_n}"
-    bar = tqdm(total=args.steps, initial=start_step, desc=f"{args.method} steps", unit="step")
+    # the bar follows whichever limit is set: minutes under --time-limit-min (the default), else steps
+    by_time = args.time_limit_min > 0
+    bar = tqdm(total=round(args.time_limit_min * 60) if by_time else args.steps,
+               initial=0 if by_time else start_step, desc=f"{args.method} training",
+               unit="s" if by_time else "step",
+               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} " + ("s" if by_time else "steps")
+               + " {postfix}")
     metrics, events = open(out / "metrics.jsonl", "a"), open(out / "events.jsonl", "a")  # noqa: SIM115
     done = False
     try:
@@ -777,9 +808,10 @@ def run(args: Args) -> int:
                     tqdm.write(f"step {row['step']}: mean@{args.eval_n} {row[eval_key]:.2%} "
                                f"± {row['eval_ci95']:.2%}, format {row['eval_format_rate']:.1%}")
                 if "train_reward" in row:
-                    bar.update(row["step"] - bar.n)
-                    bar.set_postfix(reward=f"{row['train_reward']:.3f}", lag=f"{row['policy_lag']:.1f}",
-                                    busy=f"{row['gen_busy_frac']:.0%}")
+                    done_now = min(time.time() - t_start, bar.total) if by_time else row["step"]
+                    bar.update(round(done_now) - bar.n)
+                    bar.set_postfix(step=row["step"], reward=f"{row['train_reward']:.3f}",
+                                    lag=f"{row['policy_lag']:.1f}", busy=f"{row['gen_busy_frac']:.0%}")
             elif msg is not None:
                 events.write(json.dumps({"wall_time": time.time() - t_start, **msg}) + "\n")
                 events.flush()

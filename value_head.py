@@ -112,13 +112,24 @@ def load_tokenizer(model: str | os.PathLike, **kw) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(model), **kw)
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """A train.py run directory or its `checkpoints/latest` pointer file -> the checkpoint
+    directory it names; any other path unchanged."""
+    if path.is_dir() and (path / "checkpoints" / "latest").is_file():
+        path = path / "checkpoints" / "latest"
+    if path.is_file() and path.name == "latest":
+        return path.parent / path.read_text().strip()
+    return path
+
+
 def load_policy(model: str = "tiny", dtype: torch.dtype = torch.float32
                 ) -> tuple[PolicyWithValue, PreTrainedTokenizerBase]:
-    """`--model tiny` (built + cached on first use), a local directory, or a HF hub id."""
+    """`--model tiny` (built + cached on first use), a local directory (a saved policy, a
+    train.py run directory or its checkpoints/latest: the latest checkpoint), or a HF hub id."""
     if model == "tiny":
         import tiny  # local import: tiny.py imports this module
         model = str(tiny.ensure_tiny())
-    path = Path(model).expanduser()
+    path = resolve_checkpoint(Path(model).expanduser())
     if path.is_dir():
         return PolicyWithValue.from_pretrained(path, dtype), load_tokenizer(path)
     looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))

@@ -20,14 +20,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import countdown
 import tiny
 from sampler import TorchSampler, make_sampler
-from value_head import PolicyWithValue
+from value_head import PolicyWithValue, load_policy
 
 
 def load_model(trained: bool, seed: int = 0):
     """The tiny policy: warm-started (cached) or the same architecture with random weights."""
     if trained:
         path = tiny.ensure_tiny(seed)
-        return PolicyWithValue.from_pretrained(path), tiny.PreTrainedTokenizerFast.from_pretrained(path)
+        return load_policy(str(path))
     tokenizer = tiny.build_tokenizer()
     torch.manual_seed(seed)
     lm = tiny.AutoModelForCausalLM.from_config(tiny.tiny_config(tokenizer, "default"))

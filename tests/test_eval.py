@@ -98,6 +98,7 @@ def test_mean_at_16_exact_fraction_and_ci95_by_hand():
     assert result["ci95"] == pytest.approx(1.96 * math.sqrt(3.359375 / 15) / 4)
     assert result["ci95"] == pytest.approx(0.2318888, abs=1e-6)
     assert result["pass_at_n"] == pytest.approx(6 / 16)
+    assert result["per_problem"] == [1.0] * 5 + [0.5] + [0.0] * 10
     assert result["format_rate"] == pytest.approx((16 - 5) / 16)  # only "I give up" fails
     tok = sampler.tokenizer
     n_tokens = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])
@@ -200,3 +201,16 @@ def test_bon_through_the_harness_picks_the_wrong_majority():
     texts, _, _ = ev.answer_with_search(sampler, [p], "bon", 512, max_new_tokens=64,
                                         bon_select="value")
     assert texts == [steps_trace(p)] and ev.sparse_reward(texts[0], p) == 1.0
+
+
+def test_paired_difference_by_hand():
+    # differences model - baseline: +1, 0, +0.5, 0 -> mean 0.375; sample std (ddof 1):
+    # deviations 0.625, -0.375, 0.125, -0.375 -> squares sum 0.390625+0.140625+0.015625+0.140625
+    # = 0.6875; / 3; sqrt; / sqrt(4); * 1.96
+    r = ev.paired_difference([0.0, 1.0, 0.5, 0.25], [1.0, 1.0, 1.0, 0.25])
+    assert r["difference"] == pytest.approx(0.375)
+    assert r["difference_ci95"] == pytest.approx(1.96 * math.sqrt(0.6875 / 3) / 2)
+    # a constant shift has no spread: the paired CI is 0 where the separate CIs are wide
+    assert ev.paired_difference([0.0, 1.0, 0.5], [0.1, 1.1, 0.6])["difference_ci95"] == pytest.approx(0)
+    with pytest.raises(ValueError, match="same problems"):
+        ev.paired_difference([0.0], [0.0, 1.0])

@@ -199,6 +199,31 @@ def test_blog_preset_needs_dry_run_on_cpu():
 # ------------------------------------------------------------------------------- end to end
 
 
+def test_sft_control_trains_on_solver_traces_with_teacher_forced_logprobs(tiny_sampler):
+    from transformers import AutoModelForCausalLM
+
+    import countdown
+
+    problems = countdown.make_splits(0, n_train=3)[0]
+    args = train.parse_args(["--method", "sft"])
+    trajs = train.sft_trajectories(problems, tiny_sampler, args, version=5)
+    tok = tiny_sampler.tokenizer
+    # an independent teacher-forced pass: plain HF forward, log_softmax, gather
+    lm = AutoModelForCausalLM.from_pretrained(tiny_sampler.policy.lm.name_or_path)
+    for p, t in zip(problems, trajs, strict=True):
+        prompt = tok.encode(countdown.make_prompt(p, tok), add_special_tokens=False)
+        trace = tok.encode(countdown.solution_trace(p), add_special_tokens=False)
+        assert t["prompt_ids"].tolist() == prompt and t["tokens"].tolist() == trace
+        assert t["reward"].item() == 1.0 and t["version"].item() == 5
+        assert torch.equal(t["advantages"], torch.ones(len(trace)))  # SFT: A = 1 everywhere
+        ids = torch.tensor([prompt + trace])
+        with torch.no_grad():
+            logp = torch.log_softmax(lm(ids).logits[0, :-1].float(), -1)
+        expected = logp[len(prompt) - 1:].gather(1, ids[0, len(prompt):, None])[:, 0]
+        torch.testing.assert_close(t["old_logprobs"], expected, atol=1e-4, rtol=0)
+    assert tiny_sampler.tokens_generated == 0  # nothing sampled
+
+
 @pytest.mark.timeout(300)
 def test_mcts_end_to_end(tiny_test_model, tmp_path):
     out = tmp_path / "mcts"

@@ -108,3 +108,18 @@ def test_bad_model_name_is_one_line_error(name, message, monkeypatch):
         load_policy(name)
     text = str(err.value)
     assert message in text and name in text and "\n" not in text
+
+
+def test_run_directory_and_latest_pointer_load_the_latest_checkpoint(tmp_path):
+    # a train.py run layout: checkpoints/step-000002/ (the policy) and checkpoints/latest
+    ckpts = tmp_path / "run" / "checkpoints"
+    policy, tok = random_policy(seed=3), char_tokenizer()
+    policy.save_pretrained(ckpts / "step-000002", tokenizer=tok)
+    random_policy(seed=4).save_pretrained(ckpts / "step-000001", tokenizer=tok)  # an older one
+    (ckpts / "latest").write_text("step-000002\n")
+    ids = torch.randint(3, 60, (1, 7))
+    with torch.no_grad():
+        expected = policy(ids)[0]
+        for where in (tmp_path / "run", ckpts / "latest", ckpts / "step-000002"):
+            loaded, _ = load_policy(str(where))
+            torch.testing.assert_close(loaded(ids)[0], expected, rtol=0, atol=0)
