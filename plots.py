@@ -94,6 +94,8 @@ def plot_metric(ax, runs: list[dict], x_key: str, y_key: str) -> None:
     for method, curves in sorted(by_method.items()):
         if not any(len(x) for x, _ in curves):
             continue
+        if x_key == TOKENS and all(not x.any() for x, _ in curves):
+            continue  # samples nothing (train.py --method sft, the control): no tokens axis
         grid, mean, lo, hi = seed_band(curves)
         (line,) = ax.plot(grid, mean, label=method)
         if len(curves) > 1:

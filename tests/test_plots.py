@@ -160,3 +160,15 @@ def test_step0_eval_without_generated_tokens_is_drawn_at_zero_tokens(tmp_path):
     x, y = line(fig.axes[1], "mcts")
     np.testing.assert_allclose(x, [0, 900])
     np.testing.assert_allclose(y, [0.03, 0.05])
+
+
+def test_a_run_that_samples_nothing_is_left_out_of_the_tokens_panel(tmp_path):
+    # train.py --method sft trains on solver traces: generated_tokens stays 0
+    rows = [{"step": s, "generated_tokens": 0, "train_reward": 1.0, "eval_mean_at_16": 0.05 + s / 100}
+            for s in range(3)]
+    write_run(tmp_path / "sft", "sft", 0, rows)
+    write_run(tmp_path / "mcts", "mcts", 0, rows_for(0.0, 10))
+    fig = plots.eval_figure([plots.load_run(tmp_path / "sft"), plots.load_run(tmp_path / "mcts")])
+    by_step, by_tokens = fig.axes[:2]
+    assert sorted(ln.get_label() for ln in by_step.get_lines()) == ["mcts", "sft"]
+    assert [ln.get_label() for ln in by_tokens.get_lines()] == ["mcts"]
