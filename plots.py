@@ -1,6 +1,6 @@
 """Figures: the blog's eval and training curves, the equal-budget search comparison, one search tree.
 
-    python plots.py runs/mcts-s0 runs/mcts-s1 runs/cispo-s0 ... [--out figures]
+    python plots.py runs/mcts-s0 runs/mcts-s1 runs/cispo-s0 ... [--out figures]  (+ results.md)
     python plots.py tree trees/tree_000.json [--out tree.png]
     python plots.py budget summary.json [--out budget.png]
 
@@ -57,7 +57,7 @@ def load_run(run_dir: str | Path) -> dict:
         raise SystemExit(f"{run_dir}: no metrics.jsonl (is this a run directory?)")
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     return {"method": str(config.get("method", run_dir.name)), "seed": config.get("seed"),
-            "rows": read_jsonl(metrics_path)}
+            "name": run_dir.name, "rows": read_jsonl(metrics_path)}
 
 
 def series(rows: list[dict], x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -151,6 +151,30 @@ def budget_figure(summary: dict) -> Figure:
     return fig
 
 
+def results_table(runs: list[dict]) -> str:
+    """The numbers beside the figures, as a markdown table: per run its steps, generated tokens,
+    eval mean@16 at the first and last eval (CI of the last), mean train reward over the first
+    and the last quarter of its steps, and the last logged KL."""
+    lines = ["| run | method | steps | generated tokens | mean@16 first -> last | "
+             "train reward, first -> last quarter | KL |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for run in runs:
+        rows = run["rows"]
+        train = [r for r in rows if r.get(TRAIN_KEY) is not None]
+        evals = [r for r in rows if r.get(EVAL_KEY) is not None]
+        q = max(1, len(train) // 4)
+        reward = (f"{np.mean([r[TRAIN_KEY] for r in train[:q]]):.3f} -> "
+                  f"{np.mean([r[TRAIN_KEY] for r in train[-q:]]):.3f}") if train else ""
+        score = (f"{evals[0][EVAL_KEY]:.2%} -> {evals[-1][EVAL_KEY]:.2%} "
+                 f"(± {evals[-1].get('eval_ci95', float('nan')):.2%})") if evals else ""
+        last = train[-1] if train else {}
+        tokens = max((r.get(TOKENS) or 0 for r in rows), default=0)
+        kl = f"{last['kl']:.3f}" if last.get("kl") is not None else ""
+        lines.append(f"| {run.get('name', '')} | {run['method']} | {last.get(STEP, 0)} | "
+                     f"{tokens / 1e6:.2f} M | {score} | {reward} | {kl} |")
+    return "\n".join(lines) + "\n"
+
+
 def tree_layout(tree: dict) -> list[tuple[dict, float, int, int | None]]:
     """Layered layout: (node, x, depth, parent index); leaves get consecutive x, a parent sits
     over the mean of its children, so siblings never cross."""
@@ -241,6 +265,9 @@ def main(argv: list[str] | None = None) -> None:
     runs = [load_run(r) for r in args.runs]
     print(save(eval_figure(runs), args.out / "eval_mean_at_16.png"))
     print(save(train_figure(runs), args.out / "train_reward.png"))
+    table = results_table(runs)
+    (args.out / "results.md").write_text(table)
+    print(table, end="")
 
 
 if __name__ == "__main__":

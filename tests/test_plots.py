@@ -81,6 +81,20 @@ def test_cli_writes_both_pngs(runs, tmp_path, capsys):
         plots.main([str(d) for d in runs] + ["--out", str(tmp_path / "figs")])
     for name in ("eval_mean_at_16.png", "train_reward.png"):
         assert (tmp_path / "figs" / name).stat().st_size > 1000
+    assert (tmp_path / "figs" / "results.md").read_text().count("\n") == 2 + len(runs)
+
+
+def test_results_table_numbers_by_hand(tmp_path):
+    # rows_for(0.1, 100): steps 0..4, reward 0.1 + 0.1 * step, eval 0.1 + 0.01 * step at 0, 2, 4;
+    # 5 train rows -> quarter = 1 row: first 0.1, last 0.5; tokens 4 * 100
+    rows = rows_for(0.1, 100)
+    rows[-1]["eval_ci95"] = 0.02
+    write_run(tmp_path / "mcts-s0", "mcts", 0, rows)
+    table = plots.results_table([plots.load_run(tmp_path / "mcts-s0")])
+    header, rule, line = table.splitlines()
+    assert header.startswith("| run | method | steps |") and rule.startswith("| --- |")
+    assert line == ("| mcts-s0 | mcts | 4 | 0.00 M | 10.00% -> 14.00% (± 2.00%) | "
+                    "0.100 -> 0.500 | 0.000 |")
 
 
 def test_one_seed_draws_no_band(tmp_path):
