@@ -155,8 +155,8 @@ def results_table(runs: list[dict]) -> str:
     """The numbers beside the figures, as a markdown table: per run its steps, generated tokens,
     eval mean@16 at the first and last eval (CI of the last), mean train reward over the first
     and the last quarter of its steps, and the last logged KL."""
-    lines = ["| run | method | steps | generated tokens | mean@16 first -> last | "
-             "train reward, first -> last quarter | KL |",
+    lines = [("| run | method | steps | generated tokens | mean@16 first -> last | "
+              "train reward, first -> last quarter | KL |"),
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for run in runs:
         rows = run["rows"]
