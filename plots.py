@@ -86,18 +86,31 @@ def seed_band(curves: list[tuple[np.ndarray, np.ndarray]]
     return grid, ys.mean(0), ys.min(0), ys.max(0)
 
 
-def plot_metric(ax, runs: list[dict], x_key: str, y_key: str) -> None:
-    """One line per method (mean over its seeds) with a shaded min-max band across seeds."""
+def trailing_mean(y: np.ndarray, window: int) -> np.ndarray:
+    """y[i] -> mean of y[max(0, i - window + 1) .. i]: smooths per-step noise, never looks ahead."""
+    if window <= 1 or not len(y):
+        return y
+    c = np.concatenate([[0.0], np.cumsum(y)])
+    i = np.arange(1, len(y) + 1)
+    lo = np.maximum(0, i - window)
+    return (c[i] - c[lo]) / (i - lo)
+
+
+def plot_metric(ax, runs: list[dict], x_key: str, y_key: str, smooth: int = 1) -> None:
+    """One line per method (mean over its seeds) with a shaded min-max band across seeds;
+    `smooth` > 1 averages each run over its last `smooth` points first."""
     by_method = defaultdict(list)
     for run in runs:
-        by_method[run["method"]].append(series(run["rows"], x_key, y_key))
+        x, y = series(run["rows"], x_key, y_key)
+        by_method[run["method"]].append((x, trailing_mean(y, smooth)))
+    colour = {m: f"C{i}" for i, m in enumerate(sorted(by_method))}  # same method, same colour
     for method, curves in sorted(by_method.items()):
         if not any(len(x) for x, _ in curves):
             continue
         if x_key == TOKENS and all(not x.any() for x, _ in curves):
             continue  # samples nothing (train.py --method sft, the control): no tokens axis
         grid, mean, lo, hi = seed_band(curves)
-        (line,) = ax.plot(grid, mean, label=method)
+        (line,) = ax.plot(grid, mean, label=method, color=colour[method])
         if len(curves) > 1:
             ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.2)
     ax.set_xlabel(x_key.replace("_", " "))
@@ -118,11 +131,13 @@ def eval_figure(runs: list[dict]) -> Figure:
     return fig
 
 
-def train_figure(runs: list[dict]) -> Figure:
-    """The blog's 'reward-training curve': mean train reward of each step's trajectories."""
+def train_figure(runs: list[dict], smooth: int = 1) -> Figure:
+    """The blog's 'reward-training curve': mean train reward of each step's trajectories
+    (a batch of 8-32: noisy), averaged over the last `smooth` steps."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    plot_metric(ax, runs, STEP, TRAIN_KEY)
-    ax.set_title("Training reward, mean over seeds, band = min-max")
+    plot_metric(ax, runs, STEP, TRAIN_KEY, smooth)
+    about = f", mean of the last {smooth} steps" if smooth > 1 else ""
+    ax.set_title(f"Training reward{about}\nmean over seeds, band = min-max")
     fig.tight_layout()
     return fig
 
@@ -261,10 +276,11 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path, help="run directories (metrics.jsonl, config.json)")
     p.add_argument("--out", type=Path, default=Path("figures"), help="output directory")
+    p.add_argument("--smooth", type=int, default=25, help="train reward: mean of the last N steps")
     args = p.parse_args(argv)
     runs = [load_run(r) for r in args.runs]
     print(save(eval_figure(runs), args.out / "eval_mean_at_16.png"))
-    print(save(train_figure(runs), args.out / "train_reward.png"))
+    print(save(train_figure(runs, args.smooth), args.out / "train_reward.png"))
     table = results_table(runs)
     (args.out / "results.md").write_text(table)
     print(table, end="")

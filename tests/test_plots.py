@@ -186,3 +186,15 @@ def test_a_run_that_samples_nothing_is_left_out_of_the_tokens_panel(tmp_path):
     by_step, by_tokens = fig.axes[:2]
     assert sorted(ln.get_label() for ln in by_step.get_lines()) == ["mcts", "sft"]
     assert [ln.get_label() for ln in by_tokens.get_lines()] == ["mcts"]
+    # a method keeps its colour in both panels although sft is missing from one
+    colour = {ln.get_label(): ln.get_color() for ln in by_step.get_lines()}
+    assert by_tokens.get_lines()[0].get_color() == colour["mcts"]
+
+
+def test_train_reward_smoothing_is_a_trailing_mean_by_hand(tmp_path):
+    np.testing.assert_allclose(plots.trailing_mean(np.array([1.0, 3.0, 5.0, 7.0]), 2),
+                               [1.0, 2.0, 4.0, 6.0])
+    write_run(tmp_path / "bon", "bon", 0, rows_for(0.0, 10))  # rewards 0, .1, .2, .3, .4
+    fig = plots.train_figure([plots.load_run(tmp_path / "bon")], smooth=3)
+    x, y = line(fig.axes[0], "bon")
+    np.testing.assert_allclose(y, [0.0, 0.05, 0.1, 0.2, 0.3])
