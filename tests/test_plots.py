@@ -197,4 +197,5 @@ def test_train_reward_smoothing_is_a_trailing_mean_by_hand(tmp_path):
     write_run(tmp_path / "bon", "bon", 0, rows_for(0.0, 10))  # rewards 0, .1, .2, .3, .4
     fig = plots.train_figure([plots.load_run(tmp_path / "bon")], smooth=3)
     x, y = line(fig.axes[0], "bon")
+    np.testing.assert_allclose(x, range(5))
     np.testing.assert_allclose(y, [0.0, 0.05, 0.1, 0.2, 0.3])
