@@ -662,7 +662,12 @@ def _child(name: str, fn, args: Args, sh: Shared, *rest) -> None:
         fn(args, sh, *rest)
     except BaseException:  # noqa: BLE001 (any failure, even SystemExit, must reach main)
         sh.err_q.put((name, traceback.format_exc()))
-        sys.exit(1)
+        sh.err_q.close()
+        sh.err_q.join_thread()  # the report is in the pipe before we go
+        sh.traj_q.cancel_join_thread()
+        # no interpreter teardown: native threads (torch, tokenizers) can abort it with SIGABRT
+        # ("terminate called without an active exception"), which would hide the report
+        os._exit(1)
     finally:
         sh.traj_q.cancel_join_thread()  # never block exit on trajectories nobody will read
 
@@ -673,17 +678,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _failure(procs: dict, sh: Shared) -> str | None:
+def _failure(procs: dict, sh: Shared, reports: dict[str, str]) -> str | None:
     """The root cause of a failed run: a child killed by a signal (whose peers then fail on its
-    missing shared tensors), else the first reported traceback, else a silent non-zero exit."""
+    missing shared tensors) unless it reported a traceback before dying, else the first reported
+    traceback, else a silent non-zero exit. `reports` collects the tracebacks across calls."""
+    while True:
+        try:
+            name, tb = sh.err_q.get_nowait()
+        except queue.Empty:
+            break
+        reports.setdefault(name, tb)
     for name, p in procs.items():
         if p.exitcode is not None and p.exitcode < 0:
+            if name in reports:
+                return f"{name} failed:\n{reports[name].rstrip()}"
             return f"{name} died (killed by {signal.Signals(-p.exitcode).name})"
-    try:
-        name, tb = sh.err_q.get_nowait()
+    if reports:
+        name, tb = next(iter(reports.items()))
         return f"{name} failed:\n{tb.rstrip()}"
-    except queue.Empty:
-        pass
     for name, p in procs.items():
         if p.exitcode is None or (p.exitcode == 0 and name.startswith("trainer")):
             continue
@@ -787,6 +799,7 @@ def run(args: Args) -> int:
                + " {postfix}")
     metrics, events = open(out / "metrics.jsonl", "a"), open(out / "events.jsonl", "a")  # noqa: SIM115
     done = False
+    reports: dict[str, str] = {}  # child name -> traceback it reported
     try:
         while True:
             try:
@@ -815,7 +828,7 @@ def run(args: Args) -> int:
             elif msg is not None:
                 events.write(json.dumps({"wall_time": time.time() - t_start, **msg}) + "\n")
                 events.flush()
-            error = _failure(procs, sh)
+            error = _failure(procs, sh, reports)
             if error:
                 bar.close()
                 print(f"train.py: error: {error}", file=sys.stderr)
