@@ -275,8 +275,6 @@ def search(problems: list[countdown.Problem], sampler, cfg: MCTSConfig | None = 
     counters = ("nodes", "expansions", "collisions", "terminal_backups", "tokens_generated",
                 "forward_tokens", "forward_tokens_reencode")
     stats = [dict.fromkeys(counters, 0) for _ in problems]
-    selections = [0] * len(problems)
-    committed = [0] * len(problems)  # tokens generated + worst case of this round's expansions
     out_of_budget = [False] * len(problems)  # token budget spent: this tree's search is over
     calls = 0
     forward_before = getattr(sampler, "forward_tokens", 0)
@@ -302,27 +300,25 @@ def search(problems: list[countdown.Problem], sampler, cfg: MCTSConfig | None = 
         waiting: list[list[Node]] = []  # collided paths holding virtual loss until the backup
         for t, root in enumerate(roots):
             in_round: set[int] = set()
-            committed[t] = stats[t]["tokens_generated"]
+            committed = stats[t]["tokens_generated"]  # + worst case of this round's expansions
             for _ in range(min(cfg.workers, cfg.iterations - start)):
                 if out_of_budget[t]:
                     break
                 path = select_leaf(root, cfg)
                 leaf = path[-1]
-                selections[t] += 1
                 if leaf.terminal:  # nothing to expand: back up its evaluation at once
                     backup(path, evaluate(leaf, cfg), cfg)
                     stats[t]["terminal_backups"] += 1
                 elif id(leaf) in in_round:
                     waiting.append(path)
                     stats[t]["collisions"] += 1
-                elif not can_expand(committed[t], cfg):  # token budget spent: search over
+                elif not can_expand(committed, cfg):  # token budget spent: search over
                     _remove_virtual_loss(path, cfg)
-                    selections[t] -= 1
                     out_of_budget[t] = True
                 else:
                     in_round.add(id(leaf))
                     pending.append((t, path))
-                    committed[t] += expansion_cost(cfg)
+                    committed += expansion_cost(cfg)
         if pending:
             jobs = [(t, path[-1]) for t, path in pending]
             budget = max(cfg.max_total_tokens - leaf.length for _, leaf in jobs)
@@ -364,7 +360,9 @@ def search(problems: list[countdown.Problem], sampler, cfg: MCTSConfig | None = 
         s = stats[t]
         s.update(depth=len(steps), max_depth=max(n.depth for n in _nodes(roots[t])),
                  rollout_tokens=len(rollout.tokens) if rollout is not None else 0,
-                 root_visits=roots[t].N, selections=selections[t],
+                 root_visits=roots[t].N,
+                 # every selection that counted backed up a terminal, collided or expanded
+                 selections=s["terminal_backups"] + s["collisions"] + s["expansions"],
                  prefix_reuse_saved=1 - s["forward_tokens"] / max(s["forward_tokens_reencode"], 1),
                  sampler_calls=calls,  # shared by all trees of this search
                  sampler_forward_tokens=forward_all)  # the sampler's own count, all trees

@@ -46,7 +46,7 @@ import mcts
 import sampler as sampler_lib
 import treepo
 import treerl
-from value_head import PolicyWithValue, load_policy
+from value_head import PolicyWithValue, load_policy, resolve_checkpoint
 
 
 @dataclass
@@ -219,7 +219,8 @@ def check_args(args: Args) -> None:
     if traj_per_step(args) % args.n_trainers:
         what = ("cispo_groups x group_size" if args.method in GROUP_METHODS else "batch_size")
         fail(f"{what} = {traj_per_step(args)} is not divisible by --n-trainers {args.n_trainers}")
-    need = args.mcts_k * args.max_step_tokens + args.max_new_tokens
+    cfg = mcts_config(args)
+    need = mcts.expansion_cost(cfg) + cfg.max_total_tokens  # mcts.can_expand's first expansion
     if args.method == "mcts" and 0 < args.mcts_max_tree_tokens < need:
         fail(f"--mcts-max-tree-tokens {args.mcts_max_tree_tokens} leaves no room for one expansion "
              f"plus the rollout: needs >= mcts_k x max_step_tokens + max_new_tokens = {need}")
@@ -319,13 +320,18 @@ def trajectory(prompt_ids, tokens, logprobs, reward: float, advantage, version: 
     }
 
 
+def mcts_config(args: Args) -> mcts.MCTSConfig:
+    """The search knobs of the flags."""
+    return mcts.MCTSConfig(workers=args.mcts_workers, iterations=args.mcts_iterations, k=args.mcts_k,
+                           c_puct=args.c_puct, temperature=args.temperature,
+                           max_step_tokens=args.max_step_tokens, max_total_tokens=args.max_new_tokens,
+                           virtual_value=args.mcts_virtual_value, select=args.mcts_select,
+                           max_tree_tokens=args.mcts_max_tree_tokens)
+
+
 def mcts_trajectories(problems, sampler, args: Args, version: int) -> list[dict]:
     """Blog's method: parallel MCTS over reasoning steps, then greedy selection of one trajectory."""
-    cfg = mcts.MCTSConfig(workers=args.mcts_workers, iterations=args.mcts_iterations, k=args.mcts_k,
-                          c_puct=args.c_puct, temperature=args.temperature,
-                          max_step_tokens=args.max_step_tokens, max_total_tokens=args.max_new_tokens,
-                          virtual_value=args.mcts_virtual_value, select=args.mcts_select,
-                          max_tree_tokens=args.mcts_max_tree_tokens)
+    cfg = mcts_config(args)
     return [trajectory(r.prompt_ids, r.tokens, r.logprobs, r.reward, math.nan, version)
             for r in mcts.search(problems, sampler, cfg)]
 
@@ -381,19 +387,17 @@ def sft_trajectories(problems, sampler, args: Args, version: int) -> list[dict]:
     the policy's own, teacher-forced): supervised fine-tuning, KL and value loss included.
     Nothing is sampled (generated_tokens stays 0). Without it, an RL gain may be just more SFT."""
     tok, policy = sampler.tokenizer, sampler.policy
-    prompts = [evaluation.prompt_ids(p, tok) for p in problems]
-    traces = [tok(countdown.solution_trace(p), add_special_tokens=False)["input_ids"]
-              for p in problems]
-    trajs = []
     device = next(policy.parameters()).device
+    trajs = []
     with torch.no_grad():
-        for p, prompt, trace in zip(problems, prompts, traces, strict=True):
+        for p in problems:
+            prompt, text = evaluation.prompt_ids(p, tok), countdown.solution_trace(p)
+            trace = tok(text, add_special_tokens=False)["input_ids"]
             ids = torch.tensor([prompt + trace], device=device)
             logits, _ = policy(ids)
             logp = losses.token_logprobs(logits[:, len(prompt) - 1:-1], ids[:, len(prompt):])
             trajs.append(trajectory(prompt, trace, logp[0].tolist(),
-                                    countdown.dense_reward(countdown.solution_trace(p), p), 1.0,
-                                    version))
+                                    countdown.dense_reward(text, p), 1.0, version))
     return trajs
 
 
@@ -542,7 +546,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
     pointer = Path(run_dir) / "checkpoints" / "latest"
     if not pointer.is_file():
         raise SystemExit(f"train.py: error: no checkpoint to resume from in {run_dir} (missing {pointer})")
-    return pointer.parent / pointer.read_text().strip()
+    return resolve_checkpoint(pointer)
 
 
 def load_trainer_state(ckpt: Path) -> dict:
@@ -664,7 +668,6 @@ def _child(name: str, fn, args: Args, sh: Shared, *rest) -> None:
         sh.err_q.put((name, traceback.format_exc()))
         sh.err_q.close()
         sh.err_q.join_thread()  # the report is in the pipe before we go
-        sh.traj_q.cancel_join_thread()
         # no interpreter teardown: native threads (torch, tokenizers) can abort it with SIGABRT
         # ("terminate called without an active exception"), which would hide the report
         os._exit(1)
