@@ -6,6 +6,7 @@ import torch
 from test_value_head import char_tokenizer, random_policy
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+import sampler as sampler_module
 from sampler import HFDecoder, Qwen2Decoder, TorchSampler, left_pad, make_sampler
 from value_head import PolicyWithValue, load_tokenizer
 
@@ -246,6 +247,77 @@ def test_forward_tokens_count_each_prompt_once():
     generated = sum(len(c.tokens) for s in out for c in s)
     assert sampler.tokens_generated == generated
     assert sampler.forward_tokens == len(prompt) + 1 + generated - 6  # identical prompts: once
+
+
+SHARED = ["<|im_start|>user\nuse 3 5 7 9 to make 24.<|im_end|>\n",  # > MIN_SHARED_PREFIX tokens
+          "<|im_start|>user\nuse 1 2 3 4 to make 10.<|im_end|>\n"]
+
+
+def test_shared_prefix_groups_by_hand():
+    a, b = [1] * 10, [1] * 4 + [2] * 6  # share 4 tokens: too few to group across
+    prompts = [a + [3], b + [5], a + [4, 4], b + [6], [9, 9], a + [3, 8]]
+    group, prefix = sampler_module.shared_prefix_groups(prompts, min_shared=8)
+    # a-prompts: 10 shared tokens each (a+[3] and a+[3,8] share 11, but the group's prefix is the
+    # run's minimum); b-prompts: 10; [9, 9] alone: all but its last token in the first pass
+    assert prefix == [10, 10, 10, 10, 1, 10]
+    assert group[0] == group[2] == group[5] != group[1] == group[3] != group[4]
+    assert len({group[0], group[1], group[4]}) == 3
+    # saving (3 - 1) * 10 + (2 - 1) * 10 = 30 tokens; with no long shared prefix: no grouping
+    assert sampler_module.shared_prefix_groups([a + [3], b + [5]], min_shared=8) == (None, [])
+    # a subgroup sharing more is split off only when that saves more: 3 x 20 beats 1 x 10 + ...
+    c = [1] * 20
+    group, prefix = sampler_module.shared_prefix_groups([c + [1], c + [2], c + [3], a + [7]], min_shared=8)
+    assert prefix == [20, 20, 20, 10] and len(set(group)) == 2
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("problems", [1, 2])
+def test_common_prefix_encoded_once_gives_the_same_samples(arch, problems):
+    """Prompts that share long prefixes (an MCTS round's leaves of one or two trees): each
+    prefix is encoded once, each suffix appended after it (pads in the middle of the cache), and
+    the results are those of HF generate on each whole prompt; the forward-token count shows
+    each prefix counted once."""
+    if arch == "llama":  # the HF-module fallback path (DynamicCache) does the same
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                             initializer_range=0.3, bos_token_id=None, eos_token_id=2,
+                             pad_token_id=0)
+        policy = PolicyWithValue(AutoModelForCausalLM.from_config(config)).eval()
+    else:
+        policy = spread_policy()
+    tok = char_tokenizer()
+    suffixes = ["a", "3+5=8 b", "(9-7)*3=6\nc", "x"]  # ragged: 1..12 tokens
+    texts = [SHARED[i % problems] + s for i, s in enumerate(suffixes)]
+    prompts = encode(tok, texts)
+    # the shared part of each problem's prompts, counted by hand: the template and the problem
+    shared = [len(tok.encode(s)) for s in SHARED[:problems]]
+    assert min(shared) >= sampler_module.MIN_SHARED_PREFIX
+    sampler = TorchSampler(policy, tok)
+    out = sampler.generate(prompts, n=2, max_new_tokens=12, temperature=0, stop=(),
+                           want_values=True)
+    generated = sum(len(c.tokens) for s in out for c in s)
+    own = sum(len(p) - shared[i % problems] for i, p in enumerate(prompts))
+    assert sampler.forward_tokens == sum(shared) + own + generated
+    for p, pair in zip(prompts, out):
+        assert pair[0].tokens == pair[1].tokens == hf_greedy(policy.lm, p, 12, sampler.eos_ids)
+        logp, value = teacher_forced(policy, p, pair[0].tokens)
+        torch.testing.assert_close(torch.tensor(pair[0].logprobs), logp, rtol=0, atol=1e-4)
+        assert abs(pair[1].value - value) < 1e-5
+    # and sampled log-probs (temperature, top-p) still match teacher forcing
+    for p, samples in zip(prompts, sampler.generate(prompts, n=3, max_new_tokens=10,
+                                                    temperature=0.9, top_p=0.8, stop=())):
+        for c in samples:
+            logp, _ = teacher_forced(policy, p, c.tokens)
+            torch.testing.assert_close(torch.tensor(c.logprobs), logp, rtol=0, atol=1e-4)
+
+
+def test_short_common_prefix_is_not_split_off():
+    policy, tok = spread_policy(), char_tokenizer()
+    sampler = TorchSampler(policy, tok)
+    prompts = encode(tok, ["12+3=15", "12+4"])  # 3 shared tokens < MIN_SHARED_PREFIX
+    sampler.generate(prompts, max_new_tokens=1, stop=())
+    assert sampler.forward_tokens == 7 + 4  # each prompt whole, no step needed after 1 token
 
 
 def test_bad_arguments_and_backends():
