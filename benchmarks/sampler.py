@@ -1,6 +1,7 @@
 """Sampler throughput, measured side by side in one run: our torch sampler vs `transformers`
-`generate` (and vLLM when installed) on the tiny model, 64 prompts x 64 new tokens, plus the
-matmul-bound limit of this box (model FLOPs per token / measured matmul FLOP/s).
+`generate` (and vLLM when installed) on the tiny model, 64 prompts x 64 new tokens, plus two
+limits of this box: the matmul bound (model FLOPs per token / measured 1024^3 matmul FLOP/s) and
+the floor row (the same workload's matrix products alone, at their real shapes, timed in the run).
 
     python benchmarks/sampler.py            # random weights, tiny default architecture (seconds)
     python benchmarks/sampler.py --trained  # the warm-started tiny model (built once if missing)
@@ -54,6 +55,46 @@ def flops_per_token(lm, context: int) -> float:
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     attention = 2 * 2 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim * context
     return 2 * linear + attention
+
+
+def products_floor(lm, batch: int, prompt_len: int, new_tokens: int, n: int = 1):
+    """-> a function running only this workload's matrix products, back to back on random operands:
+    every linear layer for the prompts (batch x prompt_len rows) and for each decode step
+    (batch x n rows), causal attention over the prompts, and each decode step's two attention
+    products over its context. An eager sampler on this box pays at least this much."""
+    cfg = lm.config
+    H, I, V = cfg.hidden_size, cfg.intermediate_size, lm.get_output_embeddings().weight.shape[0]
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or H // nh
+    weights = [torch.randn(H, (nh + 2 * nkv) * d), torch.randn(nh * d, H), torch.randn(H, 2 * I),
+               torch.randn(I, H)]
+    head = torch.randn(H, V)
+    rows = batch * n
+
+    def operands(m):  # the inputs of each weight for m rows
+        return [torch.randn(m, w.shape[0]) for w in weights]
+
+    prompt_in, step_in = operands(batch * prompt_len), operands(rows)
+    q = torch.randn(batch, nh, prompt_len, d)
+    kv = torch.randn(batch, nh, prompt_len, d)
+    q_step = torch.randn(rows * nkv, nh // nkv, d)
+    k_step = torch.randn(rows * nkv, prompt_len + new_tokens, d)
+
+    def run():
+        for _ in range(cfg.num_hidden_layers):
+            for x, w in zip(prompt_in, weights):
+                x @ w
+            torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True)
+        step_in[0][:batch] @ head
+        for t in range(new_tokens - 1):  # the last sampled token needs no forward
+            ctx = k_step[:, : prompt_len + t + 1]
+            for _ in range(cfg.num_hidden_layers):
+                for x, w in zip(step_in, weights):
+                    x @ w
+                torch.bmm(torch.bmm(q_step, ctx.transpose(1, 2)), ctx)
+            step_in[0] @ head
+
+    return run
 
 
 def hf_generate(policy, tokenizer, prompts, n, new_tokens, temperature):
@@ -112,6 +153,9 @@ def main() -> None:
     if args.prompts % k == 0 and args.prompts > k:
         methods[f"ours, {args.prompts // k} prompts x n={k}"] = lambda: ours(
             fast, prompts[: args.prompts // k], k, args.new_tokens, args.temperature)
+    mean_prompt = sum(map(len, prompts)) / len(prompts)
+    floor = products_floor(policy.lm, args.prompts, round(mean_prompt), args.new_tokens)
+    methods["floor: matrix products only"] = lambda: (floor(), args.prompts * args.new_tokens)[1]
     try:  # vLLM column (sampler_vllm.py), when the vllm package is installed
         model_dir = tempfile.mkdtemp(prefix="bench-sampler-")
         policy.save_pretrained(model_dir, tokenizer)  # the engine loads the weights from disk
@@ -130,7 +174,6 @@ def main() -> None:
             tokens[name] = run()
             best[name] = min(best[name], time.perf_counter() - t)
 
-    mean_prompt = sum(map(len, prompts)) / len(prompts)
     fpt = flops_per_token(policy.lm, int(mean_prompt + args.new_tokens / 2))
     bound = matmul_flops_per_s() / fpt
     params = sum(p.numel() for p in policy.lm.parameters())
@@ -147,6 +190,11 @@ def main() -> None:
         rate = tokens[name] / best[name]
         print(f"{name:<28} {tokens[name]:>7} {best[name]:>8.3f} {rate:>10,.0f} {rate / base:>11.2f}x "
               f"{rate / bound:>8.1%}")
+    ours_s = best["ours (Qwen2Decoder)"]
+    print(f"\nthe floor row is the same workload's matrix products alone (no sampling, norms, RoPE, "
+          f"cache writes);\nours takes {ours_s / best['floor: matrix products only']:.2f}x the "
+          f"floor; {args.prompts} prompts x {args.new_tokens} tokens at 3x generate would need "
+          f"{best['transformers generate'] / 3 * 1e3:.0f} ms")
 
 
 if __name__ == "__main__":
