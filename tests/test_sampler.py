@@ -54,6 +54,24 @@ def test_fast_forward_equals_hf_forward(tie):
         torch.testing.assert_close(step_logits[row], ref[-1], rtol=1e-5, atol=1e-5)
 
 
+def test_fast_forward_in_bfloat16_follows_hf_forward():
+    """A bfloat16 model (RoPE runs in float32 there): logits within bfloat16 rounding of HF's."""
+    policy, tok = spread_policy(), char_tokenizer()
+    policy.lm.to(torch.bfloat16)
+    prompts = encode(tok, PROMPTS)
+    sampler = TorchSampler(policy, tok)
+    with torch.inference_mode():
+        ids, pos, valid = left_pad(prompts, torch.device("cpu"))
+        logits, _ = sampler.decoder.prefill(ids, pos, valid, ids.shape[1] + 1)
+        step_logits, _ = sampler.decoder.step(torch.tensor([5, 9, 11, 40]), pos[:, -1] + 1)
+    for row, p in enumerate(prompts):
+        with torch.no_grad():
+            ref = policy.lm(torch.tensor([p + [[5, 9, 11, 40][row]]])).logits[0].float()
+        scale = ref.abs().max()
+        assert (logits[row] - ref[-2]).abs().max() < 0.05 * scale
+        assert (step_logits[row] - ref[-1]).abs().max() < 0.05 * scale
+
+
 def test_greedy_equals_hf_generate_ragged_batch():
     policy, tok = spread_policy(), char_tokenizer()
     sampler, prompts = TorchSampler(policy, tok), encode(tok, PROMPTS)
