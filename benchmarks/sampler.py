@@ -58,40 +58,41 @@ def flops_per_token(lm, context: int) -> float:
 
 
 def products_floor(lm, batch: int, prompt_len: int, new_tokens: int, n: int = 1):
-    """-> a function running only this workload's matrix products, back to back on random operands:
-    every linear layer for the prompts (batch x prompt_len rows) and for each decode step
-    (batch x n rows), causal attention over the prompts, and each decode step's two attention
-    products over its context. An eager sampler on this box pays at least this much."""
+    """-> a function running only this workload's matrix products, back to back on random operands
+    of the real sizes (each layer its own weights and its own K and V cache): every linear layer
+    for the prompts (batch x prompt_len rows) and for each decode step (batch x n rows), causal
+    attention over the prompts, and each decode step's two attention products over its context.
+    An eager sampler on this box pays at least this much."""
     cfg = lm.config
     H, I, V = cfg.hidden_size, cfg.intermediate_size, lm.get_output_embeddings().weight.shape[0]
-    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    nh, nkv, layers = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.num_hidden_layers
     d = getattr(cfg, "head_dim", None) or H // nh
-    weights = [torch.randn(H, (nh + 2 * nkv) * d), torch.randn(nh * d, H), torch.randn(H, 2 * I),
-               torch.randn(I, H)]
+    shapes = [(H, (nh + 2 * nkv) * d), (nh * d, H), (H, 2 * I), (I, H)]
+    weights = [[torch.randn(*s) for s in shapes] for _ in range(layers)]
     head = torch.randn(H, V)
-    rows = batch * n
+    rows, context = batch * n, prompt_len + new_tokens
 
-    def operands(m):  # the inputs of each weight for m rows
-        return [torch.randn(m, w.shape[0]) for w in weights]
+    def operands(m):  # the input of each weight for m rows
+        return [torch.randn(m, s[0]) for s in shapes]
 
     prompt_in, step_in = operands(batch * prompt_len), operands(rows)
     q = torch.randn(batch, nh, prompt_len, d)
-    kv = torch.randn(batch, nh, prompt_len, d)
+    kv = [torch.randn(batch, nh, prompt_len, d) for _ in range(layers)]
     q_step = torch.randn(rows * nkv, nh // nkv, d)
-    k_step = torch.randn(rows * nkv, prompt_len + new_tokens, d)
+    cache = [torch.randn(2, rows * nkv, context, d) for _ in range(layers)]
 
     def run():
-        for _ in range(cfg.num_hidden_layers):
-            for x, w in zip(prompt_in, weights):
+        for layer in range(layers):
+            for x, w in zip(prompt_in, weights[layer]):
                 x @ w
-            torch.nn.functional.scaled_dot_product_attention(q, kv, kv, is_causal=True)
+            torch.nn.functional.scaled_dot_product_attention(q, kv[layer], kv[layer], is_causal=True)
         step_in[0][:batch] @ head
         for t in range(new_tokens - 1):  # the last sampled token needs no forward
-            ctx = k_step[:, : prompt_len + t + 1]
-            for _ in range(cfg.num_hidden_layers):
-                for x, w in zip(step_in, weights):
+            for layer in range(layers):
+                for x, w in zip(step_in, weights[layer]):
                     x @ w
-                torch.bmm(torch.bmm(q_step, ctx.transpose(1, 2)), ctx)
+                k, v = cache[layer][:, :, : prompt_len + t + 1]
+                torch.bmm(torch.bmm(q_step, k.transpose(1, 2)), v)
             step_in[0] @ head
 
     return run
