@@ -93,6 +93,9 @@ class Args:
     """TreeRL: forking iterations L (paper: 1)"""
     treerl_t: int = 2
     """TreeRL: branches per forking point T (paper: 2)"""
+    tree_reward: Literal["dense", "sparse"] = "dense"
+    """reward in TreePO/TreeRL advantages: dense (-1 for a malformed answer, as CISPO/BoN train on)
+    or sparse (0/1, both papers' verifier reward: a malformed answer scores like a wrong one)"""
     mcts_workers: int = 16
     """parallel MCTS agents sharing one tree with virtual loss (blog: 16)"""
     mcts_iterations: int = 64
@@ -367,7 +370,7 @@ def treepo_trajectories(problems, sampler, args: Args, version: int) -> list[dic
     cfg = treepo.TreePOConfig(segment_len=args.treepo_segment_len,
                               max_depth=max(1, args.max_new_tokens // args.treepo_segment_len),
                               branch=args.treepo_branch, width=args.group_size,
-                              temperature=args.temperature, seed=args.seed)
+                              temperature=args.temperature, seed=args.seed, reward=args.tree_reward)
     return [trajectory(t["prompt_ids"], t["tokens"], t["old_logprobs"], t["reward"],
                        t["advantages"], version) for t in treepo.treepo_rollouts(problems, sampler, cfg)]
 
@@ -375,7 +378,8 @@ def treepo_trajectories(problems, sampler, args: Args, version: int) -> list[dic
 def treerl_trajectories(problems, sampler, args: Args, version: int) -> list[dict]:
     """TreeRL: EPTree forking at high -log pi tokens, per-step global + local advantages."""
     cfg = treerl.TreeRLConfig(M=args.treerl_m, N=args.treerl_n, L=args.treerl_l, T=args.treerl_t,
-                              temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+                              temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                              reward=args.tree_reward)
     return [trajectory(t["prompt_ids"], t["tokens"], t["old_logprobs"], t["reward"],
                        t["advantages"], version) for t in treerl.treerl_rollouts(problems, sampler, cfg)]
 

@@ -199,6 +199,19 @@ def test_blog_preset_needs_dry_run_on_cpu():
 # ------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.parametrize("flags, reward", [([], "dense"), (["--tree-reward", "sparse"], "sparse")])
+def test_tree_methods_get_the_tree_reward_flag(monkeypatch, flags, reward):
+    """TreePO and TreeRL train on the dense reward (as CISPO and BoN) unless asked for the
+    papers' sparse one."""
+    seen = {}
+    monkeypatch.setattr(train.treepo, "treepo_rollouts", lambda p, s, cfg: seen.update(treepo=cfg) or [])
+    monkeypatch.setattr(train.treerl, "treerl_rollouts", lambda p, s, cfg: seen.update(treerl=cfg) or [])
+    args = train.parse_args(["--method", "treerl", *flags])
+    assert train.treepo_trajectories([], None, args, 0) == []
+    assert train.treerl_trajectories([], None, args, 0) == []
+    assert seen["treepo"].reward == seen["treerl"].reward == reward
+
+
 def test_sft_control_trains_on_solver_traces_with_teacher_forced_logprobs(tiny_sampler):
     from transformers import AutoModelForCausalLM
 
