@@ -5,7 +5,9 @@
     python plots.py budget summary.json [--out budget.png]
 
 Runs are grouped by `config.json`'s "method": one line per method (mean over seeds), shaded
-from the min to the max seed. Every function returns its Figure so tests can inspect it.
+from the min to the max seed. Runs of one method whose settings differ (an ablation, e.g.
+`--tree-reward sparse` vs `dense`) get one line per setting, labelled with it. Every function
+returns its Figure so tests can inspect it.
 """
 
 from __future__ import annotations
@@ -56,8 +58,29 @@ def load_run(run_dir: str | Path) -> dict:
     if not metrics_path.is_file():
         raise SystemExit(f"{run_dir}: no metrics.jsonl (is this a run directory?)")
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    return {"method": str(config.get("method", run_dir.name)), "seed": config.get("seed"),
+    method = str(config.get("method", run_dir.name))
+    return {"method": method, "label": method, "seed": config.get("seed"), "config": config,
             "name": run_dir.name, "rows": read_jsonl(metrics_path)}
+
+
+# config keys that do not change what a run trains: seeds of one setting are averaged over them
+BOOKKEEPING = {"seed", "out", "resume", "dry_run", "checksums", "tensorboard", "checkpoint_every",
+               "eval_every", "eval_problems", "eval_n", "time_limit_min", "steps"}
+
+
+def label_runs(runs: list[dict]) -> list[dict]:
+    """Label each run with its method plus the settings that differ among that method's runs
+    (bookkeeping keys aside), so an ablation is drawn as separate lines, not as seeds."""
+    by_method = defaultdict(list)
+    for run in runs:
+        by_method[run["method"]].append(run)
+    for method, group in by_method.items():
+        keys = sorted({k for run in group for k in run.get("config", {})} - BOOKKEEPING - {"method"})
+        differ = [k for k in keys if len({json.dumps(r.get("config", {}).get(k)) for r in group}) > 1]
+        for run in group:
+            settings = ", ".join(f"{k}={run.get('config', {}).get(k)}" for k in differ)
+            run["label"] = f"{method} ({settings})" if settings else method
+    return runs
 
 
 def series(rows: list[dict], x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -99,10 +122,10 @@ def trailing_mean(y: np.ndarray, window: int) -> np.ndarray:
 def plot_metric(ax, runs: list[dict], x_key: str, y_key: str, smooth: int = 1) -> None:
     """One line per method (mean over its seeds) with a shaded min-max band across seeds;
     `smooth` > 1 averages each run over its last `smooth` points first."""
-    by_method = defaultdict(list)
+    by_method = defaultdict(list)  # by label: the method and any setting its runs differ in
     for run in runs:
         x, y = series(run["rows"], x_key, y_key)
-        by_method[run["method"]].append((x, trailing_mean(y, smooth)))
+        by_method[run.get("label", run["method"])].append((x, trailing_mean(y, smooth)))
     colour = {m: f"C{i}" for i, m in enumerate(sorted(by_method))}  # same method, same colour
     for method, curves in sorted(by_method.items()):
         if not any(len(x) for x, _ in curves):
@@ -185,7 +208,7 @@ def results_table(runs: list[dict]) -> str:
         last = train[-1] if train else {}
         tokens = max((r.get(TOKENS) or 0 for r in rows), default=0)
         kl = f"{last['kl']:.3f}" if last.get("kl") is not None else ""
-        lines.append(f"| {run.get('name', '')} | {run['method']} | {last.get(STEP, 0)} | "
+        lines.append(f"| {run.get('name', '')} | {run.get('label', run['method'])} | {last.get(STEP, 0)} | "
                      f"{tokens / 1e6:.2f} M | {score} | {reward} | {kl} |")
     return "\n".join(lines) + "\n"
 
@@ -278,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("figures"), help="output directory")
     p.add_argument("--smooth", type=int, default=25, help="train reward: mean of the last N steps")
     args = p.parse_args(argv)
-    runs = [load_run(r) for r in args.runs]
+    runs = label_runs([load_run(r) for r in args.runs])
     print(save(eval_figure(runs), args.out / "eval_mean_at_16.png"))
     print(save(train_figure(runs, args.smooth), args.out / "train_reward.png"))
     table = results_table(runs)

@@ -8,9 +8,9 @@ import pytest
 import plots
 
 
-def write_run(path, method, seed, rows, tail=""):
+def write_run(path, method, seed, rows, tail="", **config):
     path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"method": method, "seed": seed}))
+    (path / "config.json").write_text(json.dumps({"method": method, "seed": seed, **config}))
     lines = [json.dumps(r) for r in rows]
     (path / "metrics.jsonl").write_text("\n".join(lines) + "\n" + tail)
 
@@ -199,3 +199,28 @@ def test_train_reward_smoothing_is_a_trailing_mean_by_hand(tmp_path):
     x, y = line(fig.axes[0], "bon")
     np.testing.assert_allclose(x, range(5))
     np.testing.assert_allclose(y, [0.0, 0.05, 0.1, 0.2, 0.3])
+
+
+def test_runs_of_one_method_with_different_settings_are_separate_lines(tmp_path):
+    """An ablation (same method, one flag differs) is two lines, labelled with the flag; seeds
+    and bookkeeping (out dir, time limit) still merge; other methods keep their plain name."""
+    specs = [("treerl", 0, 0.0, {"tree_reward": "dense", "out": "a", "lr": 3e-5}),
+             ("treerl", 1, 0.02, {"tree_reward": "dense", "out": "b", "lr": 3e-5}),
+             ("treerl", 0, 0.1, {"tree_reward": "sparse", "out": "c", "lr": 3e-5,
+                                 "time_limit_min": 20}),
+             ("cispo", 0, 0.2, {"tree_reward": "dense", "out": "d", "lr": 1e-4})]
+    dirs = []
+    for i, (method, seed, offset, config) in enumerate(specs):
+        write_run(tmp_path / f"r{i}", method, seed, rows_for(offset, 100), **config)
+        dirs.append(tmp_path / f"r{i}")
+    runs = plots.label_runs([plots.load_run(d) for d in dirs])
+    assert [r["label"] for r in runs] == ["treerl (tree_reward=dense)"] * 2 + [
+        "treerl (tree_reward=sparse)", "cispo"]
+    by_step = plots.eval_figure(runs).axes[0]
+    assert sorted(ln.get_label() for ln in by_step.get_lines()) == [
+        "cispo", "treerl (tree_reward=dense)", "treerl (tree_reward=sparse)"]
+    _, dense = line(by_step, "treerl (tree_reward=dense)")
+    np.testing.assert_allclose(dense, [0.01, 0.03, 0.05])  # mean of the two seeds' offsets 0, 0.02
+    _, sparse = line(by_step, "treerl (tree_reward=sparse)")
+    np.testing.assert_allclose(sparse, [0.1, 0.12, 0.14])
+    assert "treerl (tree_reward=sparse)" in plots.results_table(runs)
