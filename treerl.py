@@ -29,7 +29,9 @@ Interpretation choices (read from the paper's code, github.com/THUDM/TreeRL,
   at its own remaining budget (finish_reason "length"; the cut tokens still count as generated).
 - V(root) is the mean over all leaves of the prompt (the M trees hang below one root: the
   prompt), so first-level steps have GA = LA. The reward is the sparse one (1 correct / 0, the
-  paper's verifier) unless cfg.reward == "dense" (V = mean dense reward of the leaves).
+  paper's verifier) unless cfg.reward == "dense" (V = mean dense reward of the leaves). train.py
+  passes --tree-reward, dense by default: trained on 0/1, a malformed answer is worth a wrong one
+  and the tiny model lost its format (98% -> 88%) and its accuracy (README, sparse vs dense).
 - The re-weighting divides (GA + LA) of every step by sqrt(|L(s_n)|); a leaf step has |L| = 1, so
   only shared steps change (paper: "dividing the square root of the number of leaf nodes"). As in
   the paper, every leaf is emitted as a full sequence, so a shared step's tokens appear in |L(s_n)|
