@@ -269,6 +269,8 @@ class Args:
     dump_count: int = 4  # how many trees per budget --dump-trees writes
     baseline: str | None = None  # also evaluate this checkpoint (same problems, same seed) and
     #                              report the paired difference checkpoint - baseline with its CI
+    threads: int | None = None  # torch threads (default: torch's, one per core); 1 when several
+    #                             evals or runs share the cores (oversubscribed, each slows ~5x)
 
 
 def main(args: Args) -> dict:
@@ -277,6 +279,12 @@ def main(args: Args) -> dict:
             raise SystemExit(f"--search must be among {SEARCH_METHODS}, got {method!r}")
     if args.bon_select not in BON_SELECT:
         raise SystemExit(f"--bon-select must be one of {BON_SELECT}, got {args.bon_select!r}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     from sampler import make_sampler  # model side imported here: the eval math above needs none
     from value_head import load_policy
 

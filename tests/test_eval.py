@@ -214,3 +214,17 @@ def test_paired_difference_by_hand():
     assert ev.paired_difference([0.0, 1.0, 0.5], [0.1, 1.1, 0.6])["difference_ci95"] == pytest.approx(0)
     with pytest.raises(ValueError, match="same problems"):
         ev.paired_difference([0.0], [0.0, 1.0])
+
+
+def test_threads_flag_sets_torch_threads_or_fails_in_one_line(tiny_test_model, tmp_path):
+    import torch
+
+    with pytest.raises(SystemExit, match="--threads must be >= 1"):
+        ev.main(ev.Args(checkpoint=str(tiny_test_model), threads=0, out=tmp_path / "s.json"))
+    before = torch.get_num_threads()
+    try:
+        summary = ev.main(ev.Args(checkpoint=str(tiny_test_model), threads=1, limit=2, n=2,
+                                  out=tmp_path / "s.json"))
+        assert torch.get_num_threads() == 1 and summary["n_problems"] == 2
+    finally:
+        torch.set_num_threads(before)
