@@ -122,18 +122,18 @@ def trailing_mean(y: np.ndarray, window: int) -> np.ndarray:
 def plot_metric(ax, runs: list[dict], x_key: str, y_key: str, smooth: int = 1) -> None:
     """One line per method (mean over its seeds) with a shaded min-max band across seeds;
     `smooth` > 1 averages each run over its last `smooth` points first."""
-    by_method = defaultdict(list)  # by label: the method and any setting its runs differ in
+    by_label = defaultdict(list)  # the method and any setting its runs differ in (label_runs)
     for run in runs:
         x, y = series(run["rows"], x_key, y_key)
-        by_method[run.get("label", run["method"])].append((x, trailing_mean(y, smooth)))
-    colour = {m: f"C{i}" for i, m in enumerate(sorted(by_method))}  # same method, same colour
-    for method, curves in sorted(by_method.items()):
+        by_label[run.get("label", run["method"])].append((x, trailing_mean(y, smooth)))
+    colour = {m: f"C{i}" for i, m in enumerate(sorted(by_label))}  # same line, same colour
+    for label, curves in sorted(by_label.items()):
         if not any(len(x) for x, _ in curves):
             continue
         if x_key == TOKENS and all(not x.any() for x, _ in curves):
             continue  # samples nothing (train.py --method sft, the control): no tokens axis
         grid, mean, lo, hi = seed_band(curves)
-        (line,) = ax.plot(grid, mean, label=method, color=colour[method])
+        (line,) = ax.plot(grid, mean, label=label, color=colour[label])
         if len(curves) > 1:
             ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.2)
     ax.set_xlabel(x_key.replace("_", " "))

@@ -71,8 +71,9 @@ def left_pad(sequences: list[list[int]], device: torch.device) -> tuple[Tensor, 
 
 def shared_prefix_groups(prompts: Sequence[Sequence[int]], min_shared: int = MIN_SHARED_PREFIX
                          ) -> tuple[list[int] | None, list[int]]:
-    """Group prompts to encode shared prefixes once -> (group id per prompt, prefix length per
-    prompt), or (None, []) when no prefix of at least min_shared tokens is shared.
+    """Group prompts to encode shared prefixes once -> (group id per prompt: 0, 1, ... in order
+    of first appearance, prefix length per prompt), or (None, []) when no prefix of at least
+    min_shared tokens is shared.
 
     In sorted order, prompts with long common prefixes are neighbours, and the common prefix of
     a run is the minimum of its neighbours' common prefixes. A dynamic program over runs picks
@@ -110,7 +111,8 @@ def shared_prefix_groups(prompts: Sequence[Sequence[int]], min_shared: int = MIN
         for m in members:
             group[m], prefix[m] = i, shared
         j = i
-    return group, prefix
+    dense = {g: k for k, g in enumerate(dict.fromkeys(group))}
+    return [dense[g] for g in group], prefix
 
 
 class Qwen2Decoder:
@@ -152,6 +154,7 @@ class Qwen2Decoder:
         pairs = torch.arange(d).view(2, d // 2).t().reshape(-1)  # 0, d/2, 1, d/2+1, ...
         q_rows = (torch.arange(self.n_heads)[:, None] * d + pairs).view(-1)
         k_rows = (torch.arange(self.n_kv)[:, None] * d + pairs).view(-1)
+        scale = d ** -0.5
         with torch.no_grad():
             self.embed, self.norm = m.embed_tokens.weight, m.norm.weight
             self.lm_head = self.lm.lm_head.weight
@@ -161,7 +164,6 @@ class Qwen2Decoder:
                 q_w, k_w, v_w = (p.weight for p in (a.q_proj, a.k_proj, a.v_proj))
                 q_b, k_b, v_b = (p.bias if p.bias is not None else torch.zeros_like(p.weight[:, 0])
                                  for p in (a.q_proj, a.k_proj, a.v_proj))
-                scale = d ** -0.5
                 self.layers.append((  # qkv, o and down are transposed for addmm (bias / residual)
                     layer.input_layernorm.weight,
                     torch.cat([q_w[q_rows] * scale, k_w[k_rows], v_w]).t(),
@@ -181,9 +183,9 @@ class Qwen2Decoder:
             return
         length = max(length, 2 * (0 if self.rope is None else self.rope.shape[0]), 256)
         pos = torch.arange(length, device=self.embed.device)[None]
-        cos, sin = self.lm.model.rotary_emb(self.embed[:1].float(), pos)
+        cos, sin = self.lm.model.rotary_emb(self.embed[:1].float(), pos)  # float32 tables
         half = self.head_dim // 2  # HF's tables repeat the d/2 frequencies twice
-        rot = torch.complex(cos[0, :, :half].float(), sin[0, :, :half].float())[:, None]
+        rot = torch.complex(cos[0, :, :half], sin[0, :, :half])[:, None]
         ones = torch.ones(length, self.n_kv, half, dtype=rot.dtype, device=rot.device)
         self.rope = torch.cat([rot.expand(-1, self.n_heads + self.n_kv, -1), ones], 1)
 
@@ -251,10 +253,8 @@ class Qwen2Decoder:
         h = F.embedding(x.view(-1), self.embed)  # [B*T, H]: matmuls run on 2-D activations
         for i, (w_in, w_qkv_t, b_qkv, w_o_t, w_post, w_gu_t, w_down_t) in enumerate(self.layers):
             qkv = torch.addmm(b_qkv, self._norm(h, w_in), w_qkv_t).view(B, T, nh + 2 * nkv, d // 2, 2)
-            if qkv.dtype == torch.float32:  # RoPE on q and k (v: times 1)
-                qkv = torch.view_as_real(torch.view_as_complex(qkv) * rope)
-            else:
-                qkv = torch.view_as_real(torch.view_as_complex(qkv.float()) * rope).to(h.dtype)
+            # RoPE on q and k (v: times 1) in float32; .float() and .to() are no-ops for float32
+            qkv = torch.view_as_real(torch.view_as_complex(qkv.float()) * rope).to(h.dtype)
             qkv = qkv.view(B, T, nh + 2 * nkv, d)
             cache = self.cache[i]
             cache[:, :, :, col: col + T] = qkv[:, :, nh:].view(B, T, 2, nkv, d).permute(2, 0, 3, 1, 4)
@@ -436,14 +436,12 @@ class TorchSampler:
             self.forward_tokens += int(valid.sum())
             logits, _ = self.decoder.prefill(ids, pos, valid, ids.shape[1] + max_new_tokens + 1)
             return logits, pos[:, -1]
-        firsts = {g: i for i, g in reversed(list(enumerate(group)))}  # group -> its first prompt
-        ids1, pos1, valid1 = left_pad([list(unique[i][:prefix[i]]) for i in firsts.values()],
-                                      self.device)
+        firsts = [group.index(g) for g in range(max(group) + 1)]  # each group's first prompt
+        ids1, pos1, valid1 = left_pad([list(unique[i][:prefix[i]]) for i in firsts], self.device)
         ids2, pos2, valid2 = left_pad([list(u[n:]) for u, n in zip(unique, prefix)], self.device)
         self.forward_tokens += int(valid1.sum()) + int(valid2.sum())
         self.decoder.prefill(ids1, pos1, valid1, ids1.shape[1] + ids2.shape[1] + max_new_tokens + 1)
-        slot = {g: s for s, g in enumerate(firsts)}  # group -> its row in the first pass
-        self.decoder.select(torch.tensor([slot[g] for g in group], device=self.device))
+        self.decoder.select(torch.tensor(group, device=self.device))  # group g: row g of pass 1
         pos2 = pos2 + torch.tensor(prefix, device=self.device)[:, None]
         logits, _ = self.decoder.extend(ids2, pos2, valid2)
         return logits, pos2[:, -1]

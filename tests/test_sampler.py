@@ -99,13 +99,17 @@ def test_greedy_equals_hf_generate_tiny_model(request):
         assert c.tokens == hf_greedy(policy.lm, p, 40, sampler.eos_ids)
 
 
-def test_hf_fallback_for_other_architectures():
+def llama_policy() -> PolicyWithValue:
+    """A small random Llama: not Qwen2, so the sampler runs it through HFDecoder."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, intermediate_size=128, initializer_range=0.3,
                          bos_token_id=None, eos_token_id=2, pad_token_id=0)
-    policy = PolicyWithValue(AutoModelForCausalLM.from_config(config)).eval()
-    tok = char_tokenizer()
+    return PolicyWithValue(AutoModelForCausalLM.from_config(config)).eval()
+
+
+def test_hf_fallback_for_other_architectures():
+    policy, tok = llama_policy(), char_tokenizer()
     sampler, prompts = TorchSampler(policy, tok), encode(tok, PROMPTS)
     assert isinstance(sampler.decoder, HFDecoder)
     out = sampler.generate(prompts, n=2, max_new_tokens=16, temperature=0, stop=(), want_values=True)
@@ -295,15 +299,8 @@ def test_common_prefix_encoded_once_gives_the_same_samples(arch, problems):
     prefix is encoded once, each suffix appended after it (pads in the middle of the cache), and
     the results are those of HF generate on each whole prompt; the forward-token count shows
     each prefix counted once."""
-    if arch == "llama":  # the HF-module fallback path (DynamicCache) does the same
-        torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                             initializer_range=0.3, bos_token_id=None, eos_token_id=2,
-                             pad_token_id=0)
-        policy = PolicyWithValue(AutoModelForCausalLM.from_config(config)).eval()
-    else:
-        policy = spread_policy()
+    # "llama": the HF-module fallback path (DynamicCache) does the same
+    policy = llama_policy() if arch == "llama" else spread_policy()
     tok = char_tokenizer()
     suffixes = ["a", "3+5=8 b", "(9-7)*3=6\nc", "x"]  # ragged: 1..12 tokens
     texts = [SHARED[i % problems] + s for i, s in enumerate(suffixes)]
