@@ -283,6 +283,11 @@ def make_prompt(problem: Problem, tokenizer=None, style: str | None = None) -> s
                                          add_generation_prompt=True, tokenize=False)
 
 
+def prompt_ids(problem: Problem, tokenizer) -> list[int]:
+    """The prompt as token ids; the chat template already holds the special tokens."""
+    return tokenizer(make_prompt(problem, tokenizer), add_special_tokens=False)["input_ids"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Answer checking: parse, never eval.
 

@@ -269,8 +269,7 @@ def search(problems: list[countdown.Problem], sampler, cfg: MCTSConfig | None = 
     cfg = cfg or MCTSConfig()
     _check(cfg)
     tok = sampler.tokenizer
-    prompts = [tok(countdown.make_prompt(p, tok), add_special_tokens=False)["input_ids"]
-               for p in problems]
+    prompts = [countdown.prompt_ids(p, tok) for p in problems]
     roots = [Node(value=0.0) for _ in problems]  # the root's Q is never compared: it backs up 0
     counters = ("nodes", "expansions", "collisions", "terminal_backups", "tokens_generated",
                 "forward_tokens", "forward_tokens_reencode")
