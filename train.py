@@ -183,7 +183,8 @@ class Args:
     """print the resolved config and exit without starting anything"""
 
 
-# The blog's table of values (lr and grad clip from the author's code, as the table has none).
+# The blog's table of values (lr, its linear decay, grad clip, per-sequence loss mean and eval
+# temperature from the author's code, as the table has none).
 BLOG_PRESET = {
     "model": "Qwen/Qwen2.5-1.5B-Instruct", "backend": "vllm", "n_generators": 6, "n_trainers": 2,
     "batch_size": 32, "cispo_groups": 128, "group_size": 16, "bon_n": 64, "mcts_workers": 16,
@@ -191,7 +192,7 @@ BLOG_PRESET = {
     "c_ppo": 1.0, "c_value": 1.0, "c_kl": 0.05, "lr": 5e-6, "max_grad_norm": 0.1,
     "max_new_tokens": 512, "max_step_tokens": 64, "temperature": 0.8, "prompts_per_call": 4,
     "steps": 2048, "time_limit_min": 0.0, "eval_every": 64, "eval_problems": 820, "eval_n": 16,
-    "checkpoint_every": 64,
+    "eval_temperature": 0.2, "lr_schedule": "linear", "loss_agg": "sequence", "checkpoint_every": 64,
 }
 PRESETS = {"none": {}, "blog": BLOG_PRESET}
 

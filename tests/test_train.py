@@ -214,6 +214,8 @@ def test_blog_preset_dry_run_prints_config_without_starting(tmp_path, capsys):
     config = json.loads(capsys.readouterr().out)
     assert config["n_generators"] == 6 and config["n_trainers"] == 2
     assert config["mcts_iterations"] == 100 and config["preset"] == "blog"
+    assert (config["eval_temperature"], config["lr_schedule"], config["loss_agg"]) == (
+        0.2, "linear", "sequence")
     assert not out.exists()
 
 
