@@ -713,12 +713,18 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
                     return
         data = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
         info = batch_info(batch)
+        texts = [tokenizer.decode(b["tokens"], skip_special_tokens=True) for b in batch]
+        formatted = [countdown.is_well_formatted(t) for t in texts]
+        if rank == 0 and not all(formatted) and step % 10 == 0:  # what malformed answers look like
+            sh.log_q.put({"event": "malformed", "step": step,
+                          "text": texts[formatted.index(False)][-300:]})
         for group in opt.param_groups:  # derived from the step: a resumed run continues it
             group["lr"] = lr_at(step, args)
         stats = train_step(model, ref, opt, data, args)
         lag = (step - data["versions"][data["policy_rows"]]).float()  # trainer - generating version
         time_up = rank == 0 and 0 < args.time_limit_min * 60 <= time.time() - t_start
         logged = {"train_reward": data["rewards"][data["policy_rows"]].mean().item(),
+                  "train_format_rate": sum(formatted) / len(formatted),
                   **{k: stats[k] for k in ("policy_loss", "value_loss", "kl")},
                   "policy_lag": lag.mean().item(), "policy_lag_max": lag.max().item(),
                   **{k: stats[k] for k in ("clip_frac", "grad_norm", *HEALTH)}, **info}

@@ -248,3 +248,22 @@ def test_search_figure_draws_the_gain_and_the_per_batch_search_metrics(tmp_path)
     np.testing.assert_allclose(y, [3.0, 3.5, 4.5, 5.5])  # trailing mean of 2
     _, y = line(rollout, "mcts")
     np.testing.assert_allclose(y, [1.0, 0.875, 0.625, 0.375])
+
+
+def test_stability_figure_puts_the_guards_next_to_mean_at_16(tmp_path):
+    rows = [{"step": s, "kl": 0.01 * s, "entropy": 1.0 - 0.1 * s, "train_format_rate": 1.0,
+             "advantage_std": 0.5, "completion_len": 30 + s, "value_start": 0.1 * s,
+             **({"eval_mean_at_16": 0.05 + 0.01 * s, "eval_format_rate": 0.98} if s % 2 == 0
+                else {})} for s in range(5)]
+    write_run(tmp_path / "m0", "mcts", 0, rows)
+    fig = plots.stability_figure([plots.load_run(tmp_path / "m0")], smooth=1)
+    axes = fig.axes
+    assert len(axes) == 8
+    x, y = line(axes[0], "mcts")
+    np.testing.assert_allclose(x, [0, 2, 4]) and np.testing.assert_allclose(y, [0.05, 0.07, 0.09])
+    labels = [ax.get_ylabel() for ax in axes]
+    assert labels[1:4] == ["eval format rate", "kl", "entropy"]
+    _, y = line(axes[2], "mcts")
+    np.testing.assert_allclose(y, [0.0, 0.01, 0.02, 0.03, 0.04])
+    _, y = line(axes[7], "mcts")
+    np.testing.assert_allclose(y, [0.0, 0.1, 0.2, 0.3, 0.4])

@@ -2,6 +2,7 @@
 (generators -> queue -> DDP trainer -> weight sync) on the test-size tiny model."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -294,6 +295,7 @@ def test_mcts_end_to_end(tiny_test_model, tmp_path):
             assert 1 <= row["search_depth"] and 0 <= row["search_from_rollout"] <= 1
             assert row["search_terminal_backups"] >= 0 and row["search_tree_tokens"] > 0
             assert row["entropy"] > 0 and row["completion_len"] >= 1
+            assert 0 <= row["train_format_rate"] <= 1
         if "eval_mean_at_2" in row:
             assert row["eval_search_gain"] == pytest.approx(
                 row["eval_search_reward"] - row["eval_sample_reward"])
@@ -436,3 +438,26 @@ def test_learning_rate_schedules_by_hand():
     linear = train.Args(lr=1e-4, steps=10, lr_schedule="linear")
     assert [train.lr_at(s, constant) for s in (0, 5, 9)] == [1e-4] * 3
     assert [train.lr_at(s, linear) for s in (0, 5, 9, 12)] == pytest.approx([1e-4, 5e-5, 1e-5, 0])
+
+
+def test_health_stats_by_hand():
+    # 2 policy rows + 1 value row, vocabulary of 4. Row 0: uniform logits on its two completion
+    # positions (entropy log 4); row 1: one completion position with a certain token (entropy 0).
+    a = train.trajectory([1, 2], [3, 0], [-1.0, -2.0], 1.0, 0.5, 0,
+                         value_paths=[([2], -1.0)])
+    b = train.trajectory([1], [3], [-0.5], -1.0, -0.5, 0)
+    batch = train.collate([a, b], pad_id=0)  # rows a, b, a's value path; positions 0..2
+    logits = torch.zeros(3, 3, 4)
+    logits[1, 0] = torch.tensor([0.0, 0.0, 0.0, 1000.0])
+    logp = torch.tensor([[0.0, -1.5, -2.0], [-0.25, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    values = torch.tensor([[9.0, 0.2, 0.4], [0.6, 9.0, 9.0], [9.0, -0.8, 9.0]])
+    adv = batch["mask"] * torch.tensor([[0.5], [-0.5], [0.0]])
+    h = train.health_stats(logits, logp, values, adv, batch)
+    assert h["entropy"] == pytest.approx(2 * math.log(4) / 3)  # 3 policy tokens
+    assert h["advantage_std"] == pytest.approx(torch.tensor([0.5, 0.5, -0.5]).std().item())
+    assert h["value_mean"] == pytest.approx((0.2 + 0.4 + 0.6) / 3)
+    assert h["value_start"] == pytest.approx((0.2 + 0.6) / 2)  # V at each first completion state
+    assert h["reward_std"] == pytest.approx(torch.tensor([1.0, -1.0]).std().item())
+    assert h["completion_len"] == 1.5
+    # |logp - old|: row 0 |-1.5 + 1| and |-2 + 2|, row 1 |-0.25 + 0.5|
+    assert h["logp_gap"] == pytest.approx((0.5 + 0.0 + 0.25) / 3)
