@@ -41,7 +41,7 @@ def test_report_table_by_hand(tmp_path):
     (results / "mcts-seed0").mkdir()  # unfinished: no evals -> left out
     table = compare.report(results, figures).splitlines()
     assert table[2] == "| start | | 0 | 0 | 25.00% | 25.00% | | | | |"
-    cispo = [line for line in table if line.startswith("| cispo ")][0].split(" | ")
+    [cispo] = [line.split(" | ") for line in table if line.startswith("| cispo ")]
     # arm, seeds, steps, tokens, T=1 mean [min, max], T=0.2, gain T=1, gain T=0.2, vs sft, KL
     assert cispo[1:4] == ["2", "4.00 [4.00, 4.00]", "0.00 M"]
     assert cispo[4].startswith("50.00%") and cispo[5].startswith("50.00%")
@@ -51,7 +51,7 @@ def test_report_table_by_hand(tmp_path):
     assert not any(line.startswith("| mcts") for line in table)
     assert (figures / "results.md").read_text().splitlines() == table
     assert (figures / "eval_mean_at_16.png").stat().st_size > 1000
-    sft = [line for line in table if line.startswith("| sft ")][0].split(" | ")
+    [sft] = [line.split(" | ") for line in table if line.startswith("| sft ")]
     assert sft[8] == ""  # the control is not compared with itself
 
 
