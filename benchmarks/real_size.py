@@ -200,16 +200,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Build (or load) the model, measure, print; returns the measurements."""
+    """Build (into --save, or a temp dir removed afterwards) or take --model, measure, print;
+    returns the measurements."""
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     size = "quick" if args.quick else args.size
     if args.save:
         build_model(args.save, size, args.layers, args.device)
         print(f"saved a random Qwen2.5-{size}-shaped model to {args.save}")
         return {}
-    model_dir = args.model or build_model(tempfile.mkdtemp(prefix="real-size-"), size, args.layers,
-                                          args.device)
+    if args.model:
+        return measure(args, Path(args.model))
+    with tempfile.TemporaryDirectory(prefix="real-size-") as tmp:
+        return measure(args, build_model(tmp, size, args.layers, args.device))
+
+
+def measure(args: argparse.Namespace, model_dir: Path) -> dict:
+    device = torch.device(args.device)
     policy, tokenizer = load_policy(str(model_dir))
     policy.to(device)
     cfg = policy.lm.config
@@ -217,7 +223,7 @@ def run(args: argparse.Namespace) -> dict:
     _, test = countdown.make_splits(0)
     problems = test[:max(args.mcts_prompts, args.cispo_prompts)]
     prompts = [tokenizer.encode(countdown.make_prompt(p, tokenizer)) for p in problems]
-    print(f"model: random Qwen2.5-{size} shape, {params / 1e9:.3f}B params (hidden "
+    print(f"model: {model_dir}, {params / 1e9:.3f}B params (hidden "
           f"{cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.num_attention_heads}/"
           f"{cfg.num_key_value_heads} heads, vocab {cfg.vocab_size}), {policy.lm.dtype}, on "
           f"{device}; {torch.get_num_threads()} torch threads; load average "
