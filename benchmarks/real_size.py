@@ -46,7 +46,8 @@ from value_head import PolicyWithValue, load_policy
 
 def _benchmark_module(name: str):
     """benchmarks/<name>.py (its file name would shadow the top-level module of the same name)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    path = ROOT / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -78,7 +79,8 @@ def qwen25_config(size: str, tokenizer, layers: int | None = None, **overrides) 
     Qwen's BPE vocabulary)."""
     cfg = QWEN25 | SHAPES[size] | overrides
     if layers:
-        cfg |= {"num_hidden_layers": layers, "max_window_layers": min(layers, cfg["max_window_layers"])}
+        cfg |= {"num_hidden_layers": layers,
+                "max_window_layers": min(layers, cfg["max_window_layers"])}
     return Qwen2Config(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                        bos_token_id=None, **cfg)
 
@@ -111,8 +113,8 @@ def peak_memory_gib(device: torch.device) -> float:
     """Since the last reset: CUDA memory allocated by torch, or the process's peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    status = Path("/proc/self/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 2**20
+    status = Path("/proc/self/status").read_text().splitlines()
+    return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) / 2**20
 
 
 def measure_train_step(policy: PolicyWithValue, tokenizer, prompts: list[list[int]], batch: int,
@@ -145,13 +147,15 @@ def measure_train_step(policy: PolicyWithValue, tokenizer, prompts: list[list[in
 
 
 def measure_sampling(policy, tokenizer, prompts: list[list[int]], n: int, new_tokens: int,
-                     temperature: float, samplers: dict, repeats: int, device: torch.device) -> dict:
-    """-> {row: (tokens, best seconds)} for one batch shape: len(prompts) prompts x n samples."""
+                     temperature: float, generate: bool, samplers: dict, repeats: int,
+                     device: torch.device) -> dict:
+    """-> {row: (tokens, best seconds)} for one batch shape: len(prompts) prompts x n samples;
+    rows: transformers generate (if `generate`), each of `samplers`, the floor."""
     def synced(fn):
         return lambda: (fn(), sync(device))[0]
 
     methods = {}
-    if "generate" in samplers:
+    if generate:
         methods["transformers generate"] = lambda: bench_sampler.hf_generate(
             policy, tokenizer, prompts, n, new_tokens, temperature)
     for name, label in (("torch", "torch sampler"), ("vllm", "vLLM backend")):
@@ -172,22 +176,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--layers", type=int, default=None, help="override the number of layers")
     ap.add_argument("--quick", action="store_true",
                     help="a shrunken shape and small counts: seconds, for CI")
-    ap.add_argument("--model", default=None, help="a saved model directory instead of a fresh build")
-    ap.add_argument("--save", default=None, help="only build the model into this directory, then exit")
+    ap.add_argument("--model", default=None, help="a saved model dir, not a fresh build")
+    ap.add_argument("--save", default=None, help="only build the model into this dir")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--backends", default="generate,torch,vllm",
                     help="sampling rows (vllm is skipped when the package is missing)")
     ap.add_argument("--mcts-prompts", type=int, default=4, help="prompts of the MCTS-shaped batch")
     ap.add_argument("--k", type=int, default=4, help="samples per MCTS prompt (blog: K = 4)")
-    ap.add_argument("--cispo-prompts", type=int, default=2, help="prompts of the CISPO-shaped batch")
-    ap.add_argument("--group-size", type=int, default=16, help="samples per CISPO prompt (blog: 16)")
+    ap.add_argument("--cispo-prompts", type=int, default=2, help="prompts of the CISPO batch")
+    ap.add_argument("--group-size", type=int, default=16, help="samples per CISPO prompt (blog 16)")
     ap.add_argument("--new-tokens", type=int, default=16, help="new tokens per sample")
     ap.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     ap.add_argument("--train-batch", type=int, default=8, help="trajectories per trainer step")
     ap.add_argument("--train-tokens", type=int, default=32, help="completion tokens per trajectory")
     ap.add_argument("--train-steps", type=int, default=2, help="timed trainer steps (the first "
                     "allocates AdamW's state)")
-    ap.add_argument("--repeats", type=int, default=1, help="timed runs per row after a warm-up (best kept)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="timed runs per row after a warm-up (the best is kept)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the CI box has 2 cores)")
     args = ap.parse_args(argv)
     if args.quick:
@@ -239,9 +244,10 @@ def measure(args: argparse.Namespace, model_dir: Path) -> dict:
           + f"; peak {'CUDA memory' if device.type == 'cuda' else 'RSS'} {t['peak_gib']:.2f} GiB")
 
     backends = args.backends.split(",")
-    samplers = {"generate": None} if "generate" in backends else {}
+    samplers = {}
     if "torch" in backends:
-        samplers["torch"] = bench_sampler.without_eos(make_sampler("torch", policy, tokenizer, seed=0))
+        torch_sampler = make_sampler("torch", policy, tokenizer, seed=0)
+        samplers["torch"] = bench_sampler.without_eos(torch_sampler)
     if "vllm" in backends:
         try:
             samplers["vllm"] = make_sampler("vllm", policy, tokenizer, seed=0, model_dir=model_dir)
@@ -250,7 +256,8 @@ def measure(args: argparse.Namespace, model_dir: Path) -> dict:
     shapes = {"mcts": (args.mcts_prompts, args.k), "cispo": (args.cispo_prompts, args.group_size)}
     for shape, (n_prompts, n) in shapes.items():
         rows = measure_sampling(policy, tokenizer, prompts[:n_prompts], n, args.new_tokens,
-                                args.temperature, samplers, args.repeats, device)
+                                args.temperature, "generate" in backends, samplers,
+                                args.repeats, device)
         result[shape] = rows
         mean_prompt = sum(map(len, prompts[:n_prompts])) / n_prompts
         print(f"\n{shape}: {n_prompts} prompts (mean {mean_prompt:.0f} tokens) x {n} samples x "

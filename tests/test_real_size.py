@@ -46,7 +46,8 @@ def test_quick_run_generates_the_tokens_asked_for():
     tok = tiny.build_tokenizer()
     for shape, (prompts, n) in {"mcts": (2, 4), "cispo": (1, 16)}.items():
         rows = result[shape]
-        assert set(rows) == {"transformers generate", "torch sampler", "floor: matrix products only"}
+        assert set(rows) == {"transformers generate", "torch sampler",
+                             "floor: matrix products only"}
         for name, (tokens, seconds) in rows.items():
             assert tokens == prompts * n * 8, name
             assert seconds > 0
@@ -79,7 +80,8 @@ def test_torch_sampler_greedy_equals_generate_at_the_quick_shape(tmp_path):
 @pytest.mark.vllm
 def test_quick_vllm_row():
     pytest.importorskip("vllm")
-    result = real_size.run(real_size.parse_args(["--quick", "--backends", "vllm", "--threads", "1"]))
+    args = real_size.parse_args(["--quick", "--backends", "vllm", "--threads", "1"])
+    result = real_size.run(args)
     for shape, (prompts, n) in {"mcts": (2, 4), "cispo": (1, 16)}.items():
         tokens, _ = result[shape]["vLLM backend"]
         assert 0 < tokens <= prompts * n * 8  # vLLM may still stop at a random EOS draw
