@@ -165,6 +165,24 @@ def train_figure(runs: list[dict], smooth: int = 1) -> Figure:
     return fig
 
 
+def search_figure(runs: list[dict], smooth: int = 1) -> Figure:
+    """Is the search selecting better trajectories than the policy samples? At each eval of an
+    mcts run: selected reward minus the mean of i.i.d. samples (train.search_gain); per batch:
+    the greedy path's depth and the share of answers that came from a rollout."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    plot_metric(axes[0], runs, STEP, "eval_search_gain")
+    axes[0].axhline(0.0, color="grey", lw=0.8)
+    plot_metric(axes[1], runs, STEP, "search_depth", smooth)
+    plot_metric(axes[2], runs, STEP, "search_from_rollout", smooth)
+    fig.suptitle("The search measured on itself (dense reward), mean over seeds, band = min-max")
+    fig.tight_layout()
+    return fig
+
+
+def has_metric(runs: list[dict], key: str) -> bool:
+    return any(key in row for run in runs for row in run["rows"])
+
+
 def budget_figure(summary: dict) -> Figure:
     """Accuracy vs generated-token budget per problem, one line per search method: the
     equal-compute comparison of plain sampling, best-of-N and MCTS at test time."""
@@ -304,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     runs = label_runs([load_run(r) for r in args.runs])
     print(save(eval_figure(runs), args.out / "eval_mean_at_16.png"))
     print(save(train_figure(runs, args.smooth), args.out / "train_reward.png"))
+    if has_metric(runs, "eval_search_gain"):
+        print(save(search_figure(runs, args.smooth), args.out / "search_gain.png"))
     table = results_table(runs)
     (args.out / "results.md").write_text(table)
     print(table, end="")
