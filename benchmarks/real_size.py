@@ -36,6 +36,7 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "benchmarks"))  # their helpers (counting.py), also when imported
 
 import countdown
 import tiny
