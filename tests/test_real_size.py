@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 from test_sampler import hf_greedy
 
 import countdown
