@@ -43,6 +43,9 @@ class Args:
     iterations: int = 0  # M per worker (0: train.py's default)
     workers: int = 16
     k: int = 4
+    c_puct: float = 0.5
+    virtual_value: float = -1.0  # MCTSConfig.virtual_value (0: the blog table's visits-only rule)
+    select: str = "visits"  # greedy selection: visits (blog), q, best_reward
     samples: int = 16  # i.i.d. policy samples per problem for the "one sample" row
     temperature: float = 1.0
     max_step_tokens: int = 32  # train.py's default
@@ -69,7 +72,8 @@ def measure(args: Args) -> dict:
     sampler = TorchSampler(policy, tokenizer, seed=args.seed)
     problems = training_problems(args.problems, args.seed)
     cfg = mcts.MCTSConfig(workers=args.workers, iterations=args.iterations, k=args.k,
-                          temperature=args.temperature, max_step_tokens=args.max_step_tokens,
+                          c_puct=args.c_puct, virtual_value=args.virtual_value,
+                          select=args.select, temperature=args.temperature, max_step_tokens=args.max_step_tokens,
                           max_total_tokens=args.max_new_tokens)
 
     start = time.perf_counter()
