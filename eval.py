@@ -24,9 +24,9 @@ from countdown import (
     Problem,
     evaluate_expression,
     is_well_formatted,
-    make_prompt,
     make_splits,
     parse_answer,
+    prompt_ids,
     sparse_reward,
 )
 from mcts import MCTSConfig, search_tree_to_dict
@@ -34,11 +34,6 @@ from mcts import search as mcts_search
 
 SEARCH_METHODS = ("none", "bon", "mcts")
 BON_SELECT = ("vote", "value")
-
-
-def prompt_ids(problem: Problem, tokenizer) -> list[int]:
-    """The prompt as token ids; the chat template already holds the special tokens."""
-    return tokenizer(make_prompt(problem, tokenizer), add_special_tokens=False)["input_ids"]
 
 
 def ci95_half_width(per_problem: Sequence[float]) -> float:

@@ -341,7 +341,7 @@ def mcts_trajectories(problems, sampler, args: Args, version: int) -> list[dict]
 
 def cispo_trajectories(problems, sampler, args: Args, version: int) -> list[dict]:
     """CISPO baseline: group_size samples per prompt, advantage = reward - group mean."""
-    prompts = [evaluation.prompt_ids(p, sampler.tokenizer) for p in problems]
+    prompts = [countdown.prompt_ids(p, sampler.tokenizer) for p in problems]
     outs = sampler.generate(prompts, n=args.group_size, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, stop=(countdown.ANSWER_CLOSE,))
     rewards = torch.tensor([[countdown.dense_reward(c.text, p) for c in group]
@@ -353,7 +353,7 @@ def cispo_trajectories(problems, sampler, args: Args, version: int) -> list[dict
 
 def bon_trajectories(problems, sampler, args: Args, version: int) -> list[dict]:
     """Best-of-N baseline: the tree search replaced by the best of N samples by dense reward."""
-    prompts = [evaluation.prompt_ids(p, sampler.tokenizer) for p in problems]
+    prompts = [countdown.prompt_ids(p, sampler.tokenizer) for p in problems]
     outs = sampler.generate(prompts, n=args.bon_n, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, stop=(countdown.ANSWER_CLOSE,))
     trajs = []
@@ -395,7 +395,7 @@ def sft_trajectories(problems, sampler, args: Args, version: int) -> list[dict]:
     trajs = []
     with torch.no_grad():
         for p in problems:
-            prompt, text = evaluation.prompt_ids(p, tok), countdown.solution_trace(p)
+            prompt, text = countdown.prompt_ids(p, tok), countdown.solution_trace(p)
             trace = tok(text, add_special_tokens=False)["input_ids"]
             ids = torch.tensor([prompt + trace], device=device)
             logits, _ = policy(ids)

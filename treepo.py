@@ -57,7 +57,6 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import countdown
-import eval as evaluation
 from countdown import ANSWER_CLOSE
 
 ENDED = ("answer", "eos")  # sampler finish reasons that end a path (see Completion.finish_reason)
@@ -175,7 +174,7 @@ def segment_tree_sampling(problems: Sequence[countdown.Problem], sampler, cfg: T
                           ) -> tuple[list[Tree], int]:
     """Grow one tree per problem, one sampler call per round for all of them -> (trees, calls)."""
     rng = random.Random(cfg.seed)
-    trees = [Tree(p, evaluation.prompt_ids(p, sampler.tokenizer)) for p in problems]
+    trees = [Tree(p, countdown.prompt_ids(p, sampler.tokenizer)) for p in problems]
     # pending: (tree, node to fork), one entry per branch; round 1 forks each prompt b ways
     pending = [(t, t.root) for t in trees for _ in range(min(cfg.branch, cfg.width))]
     calls = 0

@@ -47,7 +47,6 @@ import math
 from dataclasses import dataclass, field
 
 import countdown
-import eval as evaluation
 from countdown import ANSWER_CLOSE, ANSWER_OPEN
 
 REWARDS = ("sparse", "dense")
@@ -144,7 +143,7 @@ def eptree(problems: list, sampler, cfg: TreeRLConfig) -> tuple[list[Segment], l
     -> (one root per problem, the prompts' token ids, counters)."""
     _check(cfg)
     tok = sampler.tokenizer
-    prompts = [evaluation.prompt_ids(p, tok) for p in problems]
+    prompts = [countdown.prompt_ids(p, tok) for p in problems]
     gen = {"temperature": cfg.temperature, "top_p": cfg.top_p, "stop": (ANSWER_CLOSE,)}
     stats = {"sampler_calls": 1, "forks": 0}
     outs = sampler.generate(prompts, n=cfg.M, max_new_tokens=cfg.max_new_tokens, **gen)

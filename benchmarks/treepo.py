@@ -24,7 +24,6 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import countdown
-import eval as evaluation
 import treepo
 from sampler import TorchSampler
 from value_head import load_policy
@@ -46,7 +45,7 @@ class Args:
 
 
 def run_iid(problems, sampler, cfg: treepo.TreePOConfig) -> dict:
-    prompts = [evaluation.prompt_ids(p, sampler.tokenizer) for p in problems]
+    prompts = [countdown.prompt_ids(p, sampler.tokenizer) for p in problems]
     gen0, fwd0, start = sampler.tokens_generated, sampler.forward_tokens, time.perf_counter()
     outs = sampler.generate(prompts, n=cfg.width, max_new_tokens=cfg.segment_len * cfg.max_depth,
                             temperature=cfg.temperature, stop=(countdown.ANSWER_CLOSE,))

@@ -22,7 +22,6 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import countdown
-import eval as evaluation
 import treerl
 from sampler import TorchSampler
 from value_head import load_policy
@@ -82,7 +81,7 @@ def main(args: Args) -> None:
 
     sampler = TorchSampler(policy, tok, seed=args.seed + 1)
     start = time.perf_counter()
-    pool = sampler.generate([evaluation.prompt_ids(p, tok) for p in problems], n=args.iid_pool,
+    pool = sampler.generate([countdown.prompt_ids(p, tok) for p in problems], n=args.iid_pool,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             stop=(countdown.ANSWER_CLOSE,))
     iid_seconds = time.perf_counter() - start
