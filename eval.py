@@ -280,10 +280,11 @@ def main(args: Args) -> dict:
         import torch
 
         torch.set_num_threads(args.threads)
-    from sampler import make_sampler  # model side imported here: the eval math above needs none
+    import tiny  # model side imported here: the eval math above needs none
+    from sampler import make_sampler
     from value_head import load_policy
 
-    policy, tokenizer = load_policy(args.checkpoint)
+    policy, tokenizer = load_policy(tiny.resolve_model(args.checkpoint))
     sampler = make_sampler(args.backend, policy, tokenizer, seed=args.seed)
     _, test = make_splits(args.data_seed)
     problems = test[:args.limit] if args.limit else test
@@ -302,7 +303,7 @@ def main(args: Args) -> dict:
         summary.update(evaluate(sampler, problems, n=args.n, temperature=args.temperature,
                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size))
         if args.baseline:
-            base_policy, base_tok = load_policy(args.baseline)
+            base_policy, base_tok = load_policy(tiny.resolve_model(args.baseline))
             base = evaluate(make_sampler(args.backend, base_policy, base_tok, seed=args.seed),
                             problems, n=args.n, temperature=args.temperature,
                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)

@@ -21,9 +21,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2Tokenizer
 
 import countdown
-from eval import evaluate
-from sampler import TorchSampler
-from value_head import PolicyWithValue, load_policy, seeded_value_head
+from value_head import PolicyWithValue, seeded_value_head
 
 CACHE_VERSION = "tiny-v3"  # bump when the recipe changes: ensure_tiny then builds a fresh copy
 
@@ -201,22 +199,19 @@ def ensure_tiny(seed: int = 0, cache_dir: str | os.PathLike | None = None,
     return path
 
 
+def resolve_model(model: str) -> str:
+    """`--model tiny` -> the cached tiny model's directory (built on first use); anything else
+    unchanged. The entry scripts call this once and pass the path down."""
+    return str(ensure_tiny()) if model == "tiny" else model
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description="Build (if missing) the tiny default model and "
-                                 "print its mean@16 and format rate on the test split.")
+    ap = argparse.ArgumentParser(description="Build (if missing) the tiny default model and print "
+                                 "its directory; `python eval.py --checkpoint tiny` evaluates it.")
     ap.add_argument("--seed", type=int, default=0, help="model seed (init, data order, splits)")
-    ap.add_argument("--limit", type=int, default=None, help="evaluate the first N test problems")
     ap.add_argument("--rebuild", action="store_true", help="rebuild even if cached")
     args = ap.parse_args()
-
-    path = ensure_tiny(args.seed, rebuild=args.rebuild)
-    policy, tokenizer = load_policy(str(path))
-    _, test = countdown.make_splits(args.seed)
-    test = test[:args.limit]
-    r = evaluate(TorchSampler(policy, tokenizer, seed=args.seed), test, n=16, temperature=1.0)
-    print(f"{path}: mean@16 = {r['mean_at_n']:.4f} ± {r['ci95']:.4f}, "
-          f"format rate = {r['format_rate']:.4f}, mean length = {r['mean_len']:.1f} tokens "
-          f"({r['n_problems']} problems x 16 samples)")
+    print(ensure_tiny(args.seed, rebuild=args.rebuild))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ import eval as evaluation
 import losses
 import mcts
 import sampler as sampler_lib
+import tiny
 import treepo
 import treerl
 from value_head import PolicyWithValue, load_policy, resolve_checkpoint
@@ -749,6 +750,7 @@ def run(args: Args) -> int:
         return 0
     transformers.utils.logging.disable_progress_bar()
     out = Path(args.out)
+    model = tiny.resolve_model(args.model)  # --model tiny: built on first use (minutes, once)
     state, resume_ckpt = None, ""
     if args.resume:
         ckpt = latest_checkpoint(out)
@@ -765,9 +767,10 @@ def run(args: Args) -> int:
     else:
         if (out / "checkpoints" / "latest").exists():
             raise SystemExit(f"train.py: error: {out} already holds a run; pass --resume {out} or another --out")
-        policy, _ = load_policy(args.model)
+        policy, _ = load_policy(model)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+    args = replace(args, model=model)  # config.json keeps "tiny"; the children load the directory
     start_step = state["step"] if state else 0
 
     signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -122,13 +122,11 @@ def resolve_checkpoint(path: Path) -> Path:
     return path
 
 
-def load_policy(model: str = "tiny", dtype: torch.dtype = torch.float32
+def load_policy(model: str, dtype: torch.dtype = torch.float32
                 ) -> tuple[PolicyWithValue, PreTrainedTokenizerBase]:
-    """`--model tiny` (built + cached on first use), a local directory (a saved policy, a
-    train.py run directory or its checkpoints/latest: the latest checkpoint), or a HF hub id."""
-    if model == "tiny":
-        import tiny  # local import: tiny.py imports this module
-        model = str(tiny.ensure_tiny())
+    """A local directory (a saved policy, a train.py run directory or its checkpoints/latest: the
+    latest checkpoint) or a HF hub id. The entry scripts turn `tiny` into the cached tiny model's
+    directory first (`tiny.resolve_model`)."""
     path = resolve_checkpoint(Path(model).expanduser())
     if path.is_dir():
         return PolicyWithValue.from_pretrained(path, dtype), load_tokenizer(path)
