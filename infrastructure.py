@@ -393,3 +393,16 @@ def supervise(children: dict[str, tuple], sh: Shared, out: Path, t_start: float,
         events.close()
     bar.close()
     return 0
+
+
+def print_summary(out: Path, eval_n: int, n_problems: int) -> None:
+    """mean@n before and after, from the run's metrics.jsonl."""
+    eval_key = f"eval_mean_at_{eval_n}"
+    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if eval_key in r]
+    if len(evals) >= 2:
+        first, last = evals[0], evals[-1]
+        print(f"mean@{eval_n} on {n_problems} test problems: step {first['step']} "
+              f"{first[eval_key]:.2%} ± {first['eval_ci95']:.2%} -> step {last['step']} "
+              f"{last[eval_key]:.2%} ± {last['eval_ci95']:.2%}")
+    print(f"run directory: {out}")

@@ -549,18 +549,9 @@ def run(args: Args) -> int:
     rc = infra.supervise(children, sh, out, t_start, threads=args.torch_threads,
                          desc=f"{args.method} training", time_limit_s=args.time_limit_min * 60,
                          steps=args.steps, start_step=start_step, eval_n=args.eval_n)
-    if rc:
-        return rc
-    eval_key = f"eval_mean_at_{args.eval_n}"
-    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-             if eval_key in r]
-    if len(evals) >= 2:
-        first, last = evals[0], evals[-1]
-        print(f"mean@{args.eval_n} on {args.eval_problems} test problems: step {first['step']} "
-              f"{first[eval_key]:.2%} ± {first['eval_ci95']:.2%} -> step {last['step']} "
-              f"{last[eval_key]:.2%} ± {last['eval_ci95']:.2%}")
-    print(f"run directory: {out}")
-    return 0
+    if rc == 0:
+        infra.print_summary(out, args.eval_n, args.eval_problems)
+    return rc
 
 
 if __name__ == "__main__":
