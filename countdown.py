@@ -18,14 +18,12 @@ from __future__ import annotations
 import ast
 import functools
 import itertools
-import json
 import operator
 import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 from typing import NamedTuple
 
 STEP_END = "</step>"
@@ -226,34 +224,6 @@ def make_splits(seed: int = 0, n_train: int = 20000,
             seen.add((tuple(sorted(nums)), target))
             problems.append(Problem(nums, target))
     return problems[n_test:], problems[:n_test]
-
-
-def save_jsonl(problems: list[Problem], path: str | Path) -> None:
-    """One {"nums": [...], "target": n} object per line, so users can bring their own set."""
-    with open(path, "w") as f:
-        for p in problems:
-            f.write(json.dumps({"nums": list(p.nums), "target": p.target}) + "\n")
-
-
-def load_jsonl(path: str | Path) -> list[Problem]:
-    """Problems from `save_jsonl`'s format; blank lines are skipped."""
-    problems = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                nums, target = obj["nums"], obj["target"]
-                ok = (isinstance(nums, list) and nums and type(target) is int and target >= 1
-                      and all(type(x) is int and x >= 1 for x in nums))
-            except (ValueError, KeyError, TypeError):
-                ok = False
-            if not ok:
-                raise ValueError(f'{path}:{lineno}: expected {{"nums": [positive ints], '
-                                 f'"target": positive int}}, got {line.strip()[:60]!r}')
-            problems.append(Problem(tuple(nums), target))
-    return problems
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,11 +4,11 @@ ragged batches, values, weight sync and forward-token accounting."""
 import pytest
 import torch
 from test_value_head import char_tokenizer, random_policy
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from fast_decoder import MIN_SHARED_PREFIX, Qwen2Decoder, shared_prefix_groups
 from sampler import HFDecoder, TorchSampler, left_pad, make_sampler
-from value_head import PolicyWithValue, load_tokenizer
+from value_head import PolicyWithValue
 
 PROMPTS = ["12+3=15", "7*8", "(13-4)*3=27 ab", "x"]  # ragged lengths 7, 3, 14, 1
 
@@ -90,7 +90,7 @@ def test_greedy_equals_hf_generate_tiny_model(request):
     except pytest.FixtureLookupError:
         pytest.skip("tiny_test_model fixture (tests/conftest.py) not available yet")
     policy = PolicyWithValue.from_pretrained(path)
-    tok = load_tokenizer(path)
+    tok = AutoTokenizer.from_pretrained(path)
     sampler = TorchSampler(policy, tok)
     prompts = encode(tok, ["<|im_start|>user\n3 5 7 9 -> 24<|im_end|>\n<|im_start|>assistant\n",
                            "<|im_start|>assistant\n13-4="])
