@@ -11,6 +11,16 @@ Training uses the blog's *dense reward* 1 - 2*min(|t - p| / t, 1) (the -1 floor 
 format is wrong), evaluation the *sparse reward* 0/1 "so we can intuit the scores" (mean@16).
 Model output is never `eval`ed: the answer is parsed with `ast` against a small whitelist and
 evaluated with exact `Fraction` arithmetic.
+
+Interpretation choices (the blog gives no more detail):
+- Targets are integers 1..100, each reachable with its four numbers; no (number multiset,
+  target) pair is shared between train (20,000) and test (820).
+- Well formatted: exactly one `<answer>...</answer>`, at the end, whose content parses (non-
+  negative integer literals, binary + - * /, parentheses; no unary minus) within length, depth
+  and literal bounds.
+- The dense reward is -1 unless the answer is well formatted AND uses exactly the given
+  numbers, each once, without dividing by zero: a policy cannot earn reward with other numbers.
+  The sparse reward is 1 only for such an answer that equals the target exactly.
 """
 
 from __future__ import annotations

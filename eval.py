@@ -3,6 +3,20 @@
 mean@16 (blog, "Results"): 16 generations per eval prompt, each graded with the sparse 0/1
 reward, averaged. The search harness answers the readers' question the blog leaves open: at the
 same number of generated tokens, does searching beat sampling more?
+
+Interpretation choices:
+- ci95 = 1.96 x sample std of the per-problem means / sqrt(problems): the samples of one
+  problem are correlated, so the problem is the unit. `--baseline` evaluates a second checkpoint
+  on the same problems with the same seed and reports the paired difference and its CI (much
+  tighter than two separate CIs: easy problems are easy for both).
+- A token budget T counts only the tokens the sampler returned. `none` = one sample capped at
+  T; `bon` = samples while the budget lasts, the answer chosen without ground truth (majority
+  vote over the answers' exact values, ties by the value head; `--bon-select value`); `mcts` =
+  search with the value head at terminal nodes and `max_tree_tokens = T`, so search + final
+  rollout never exceed T (the completion cap is T/2, at most --max-new-tokens).
+- `--checkpoint` takes a saved policy, a train.py run directory (its latest checkpoint), `tiny`
+  or a hub id; `--threads 1` when several evals share the cores (oversubscribed OpenMP threads
+  slowed two concurrent evals ~5x).
 """
 
 from __future__ import annotations

@@ -8,6 +8,13 @@ a reader of the algorithm may skip. The blog runs Rust + gRPC + Redis; here:
 - supervision: spawn the children, write their metric rows and events, show progress, and stop
   everything (exit 1 with the child's traceback) when one fails, dies, or main is interrupted.
 
+A run directory holds config.json (the flags), metrics.jsonl (one row per step, and the eval
+rows), events.jsonl (process starts, weight syncs and publishes, checkpoints) and
+checkpoints/step-NNNNNN/ (HF save_pretrained + value_head.safetensors + tokenizer +
+trainer_state.pt: optimizer, step, RNG, data positions). `train.py --resume <run dir>`
+continues from `latest`. Policy lag = trainer step minus the weight version that generated a
+trajectory.
+
 Functions take plain values, not train.Args, so this file imports nothing of ours. Two test
 hooks are read from the environment, so they stay out of train.py's --help:
 TREESEARCH_CHECKSUMS=1 adds a weights hash to every publish and sync event (tests check that a

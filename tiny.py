@@ -1,7 +1,18 @@
 """The embedded tiny default model: a character-level Qwen2 warm-started on solver traces.
 
 It plays the blog's "pre-RL instruct model" (Qwen-2.5-1.5B-Instruct, mean@16 = 3.1%): well
-formatted but weak, so RL has room to show learning. No hub, no download: built on this box.
+formatted but weak, so RL has room to show learning. No hub, no download: built on this box
+(`python tiny.py`, or the first `train.py --model tiny`; cached, ~6 min once).
+
+- ~1M parameters, Qwen2 architecture, so the loading and sampling code is the real model's.
+- Tokenizer: Qwen2's byte-level BPE without merges (one token per character); `</step>`,
+  `<answer>`, `</answer>` are single tokens.
+- Prompt: the chat template around a short message, `Use 4 3 13 3 to make 24.`
+  (countdown.make_prompt style "short", declared as `countdown_prompt` in the tokenizer's
+  config): the character-level model learns the format from the warm start, and the instruct
+  message was ~70% of every sequence it trained and sampled on. Real models get "instruct".
+- Warm start: 2000 supervised steps of 32 solver traces (deterministic per seed). Measured on
+  the 820 test problems: mean@16 4.95% +- 0.56, format rate 98%.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ text and its public code (multimodal-art-projection/TreePO: recipe/treepo/vllm_r
 fallback; verl/trainer/ppo/core_algos.py, `compute_tree_reinforce_plus_plus_baseline_outcome_advantage`
 with adv_weight_strategy="average", the setting of run_treepo_train.sh).
 
-Interpretation choices (the README repeats them):
+Interpretation choices (the README links here):
 - Segments are fixed token counts (max_new_tokens=L, stop only on `</answer>`/EOS), so sibling
   paths stay token-aligned (the paper's section 4.2: misaligned fallback hurts). Round 1 forks
   the prompt b ways (the paper's "Fixed Init Divergence").
