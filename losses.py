@@ -1,10 +1,11 @@
 """The blog's "Training" losses: L_total = c_ppo L_cispo + c_value L_value + c_KL D_KL.
 
 Pure functions over padded tensors [B, T] (token log-probs, advantages, a float 0/1 mask), no
-model code. Aggregation everywhere is the token-level mean over all valid tokens of the batch
-(sum over valid tokens / number of valid tokens, as in DAPO and ScaleRL), so long and short
-sequences weigh per token. Padded positions are removed with `torch.where` *before* any math, so
-NaN/inf there can reach neither the loss nor the gradient.
+model code. Aggregation (`agg`): "token" (default) is the mean over all valid tokens of the batch
+(as in DAPO and ScaleRL), so long and short sequences weigh per token; "sequence" is the mean over
+each sequence's tokens, then over sequences (the blog author's code, GRPO's original), so every
+trajectory weighs the same. Padded positions are removed with `torch.where` *before* any math,
+so NaN/inf there can reach neither the loss nor the gradient.
 """
 
 import torch
@@ -21,9 +22,17 @@ def _valid(fn: str, mask: Tensor, **tensors: Tensor) -> Tensor:
     return mask > 0
 
 
-def _masked_mean(x: Tensor, valid: Tensor) -> Tensor:
-    """Token-level mean over all valid tokens of the batch (0 when there are none)."""
-    return torch.where(valid, x, 0.0).sum() / valid.sum().clamp(min=1)
+def _masked_mean(x: Tensor, valid: Tensor, agg: str = "token") -> Tensor:
+    """Mean over the valid tokens of the batch ("token") or of each sequence, then over the
+    sequences that have any ("sequence"); 0 when there are none."""
+    x = torch.where(valid, x, 0.0)
+    if agg == "token":
+        return x.sum() / valid.sum().clamp(min=1)
+    if agg != "sequence":
+        raise ValueError(f"loss aggregation must be 'token' or 'sequence', got {agg!r}")
+    count = valid.sum(dim=-1)
+    rows = count > 0
+    return (x.sum(dim=-1)[rows] / count[rows]).sum() / rows.sum().clamp(min=1)
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
@@ -59,49 +68,49 @@ def cispo_weight(logp: Tensor, old_logp: Tensor, eps_high: float = 5.0,
     return torch.exp(logp - old_logp).clamp(max=cap).detach()
 
 
-def _cispo(logp, old_logp, advantages, mask, eps_high, bound) -> tuple[Tensor, Tensor]:
+def _cispo(logp, old_logp, advantages, mask, eps_high, bound, agg="token") -> tuple[Tensor, Tensor]:
     """(L_cispo, fraction of valid tokens whose weight hit the cap)."""
     valid = _valid("cispo_loss", mask, logp=logp, old_logp=old_logp, advantages=advantages)
     logp, old_logp, advantages = (torch.where(valid, x, 0.0) for x in (logp, old_logp, advantages))
     w = cispo_weight(logp, old_logp, eps_high, bound)
     capped = (torch.exp(logp - old_logp) > w).float()
     # Blog: L_cispo = -E[ sg(min(pi_theta/pi_old, eps)) * A_t * log pi_theta(a_t|s_t) ]
-    return -_masked_mean(w * advantages * logp, valid), _masked_mean(capped, valid)
+    return -_masked_mean(w * advantages * logp, valid, agg), _masked_mean(capped, valid)
 
 
 def cispo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-               eps_high: float = 5.0, bound: str = "blog") -> Tensor:
+               eps_high: float = 5.0, bound: str = "blog", agg: str = "token") -> Tensor:
     """Blog's L_cispo: REINFORCE on log pi weighted by the detached, capped ratio, so no token's
     gradient is ever switched off (unlike PPO's clip); d/d logp_t = -w_t A_t / n_tokens."""
-    return _cispo(logp, old_logp, advantages, mask, eps_high, bound)[0]
+    return _cispo(logp, old_logp, advantages, mask, eps_high, bound, agg)[0]
 
 
-def _ppo_clip(logp, old_logp, advantages, mask, eps) -> tuple[Tensor, Tensor]:
+def _ppo_clip(logp, old_logp, advantages, mask, eps, agg="token") -> tuple[Tensor, Tensor]:
     """(L_ppo, fraction of valid tokens whose gradient the clip switched off)."""
     valid = _valid("ppo_clip_loss", mask, logp=logp, old_logp=old_logp, advantages=advantages)
     logp, old_logp, advantages = (torch.where(valid, x, 0.0) for x in (logp, old_logp, advantages))
     ratio = torch.exp(logp - old_logp)
     surrogate = torch.minimum(ratio * advantages, ratio.clamp(1.0 - eps, 1.0 + eps) * advantages)
     clipped = ((ratio > 1.0 + eps) & (advantages > 0)) | ((ratio < 1.0 - eps) & (advantages < 0))
-    return -_masked_mean(surrogate, valid), _masked_mean(clipped.float(), valid)
+    return -_masked_mean(surrogate, valid, agg), _masked_mean(clipped.float(), valid)
 
 
 def ppo_clip_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-                  eps: float = 0.2) -> Tensor:
+                  eps: float = 0.2, agg: str = "token") -> Tensor:
     """Standard PPO clipped surrogate -E[min(r A, clip(r, 1-eps, 1+eps) A)]: `--loss ppo`."""
-    return _ppo_clip(logp, old_logp, advantages, mask, eps)[0]
+    return _ppo_clip(logp, old_logp, advantages, mask, eps, agg)[0]
 
 
-def value_loss(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+def value_loss(values: Tensor, returns: Tensor, mask: Tensor, agg: str = "token") -> Tensor:
     """Blog's L_value = E[(V(s_t) - r)^2]; returns [B] (terminal reward, broadcast) or [B,T]."""
     if returns.dim() == 1:
         returns = returns[:, None].expand_as(mask)
     valid = _valid("value_loss", mask, values=values, returns=returns)
     values, returns = (torch.where(valid, x, 0.0) for x in (values, returns))
-    return _masked_mean((values - returns) ** 2, valid)
+    return _masked_mean((values - returns) ** 2, valid, agg)
 
 
-def kl_k3(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
+def kl_k3(logp: Tensor, ref_logp: Tensor, mask: Tensor, agg: str = "token") -> Tensor:
     """Schulman's k3 estimate of D_KL(pi_theta || pi_ref) from tokens sampled by pi_theta (R1).
 
     Per token r - log r - 1 >= 0 with r = pi_ref/pi_theta. The blog prints the ratio the other way
@@ -111,7 +120,7 @@ def kl_k3(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
     """
     valid = _valid("kl_k3", mask, logp=logp, ref_logp=ref_logp)
     log_r = torch.where(valid, ref_logp, 0.0) - torch.where(valid, logp, 0.0)
-    return _masked_mean(torch.exp(log_r) - log_r - 1.0, valid)
+    return _masked_mean(torch.exp(log_r) - log_r - 1.0, valid, agg)
 
 
 def mcts_advantages(rewards: Tensor, values: Tensor, mask: Tensor) -> Tensor:
@@ -146,17 +155,20 @@ def total_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, values: 
                rewards: Tensor, advantages: Tensor, mask: Tensor, c_ppo: float = 1.0,
                c_value: float = 1.0, c_kl: float = 0.05, loss: str = "cispo",
                eps_high: float = 5.0, bound: str = "blog", eps: float = 0.2,
+               value_mask: Tensor | None = None, agg: str = "token",
                ) -> tuple[Tensor, dict[str, float]]:
     """Blog's L_total = c_ppo L_policy + c_value L_value + c_KL D_KL, plus scalars for logging.
 
     advantages are per token [B,T] (mcts_advantages, or group_advantages broadcast over tokens);
-    rewards [B] are the value targets; ref_logp=None drops the KL term (needs c_kl == 0).
+    rewards [B] are the value targets; ref_logp=None drops the KL term (needs c_kl == 0);
+    value_mask (default: mask) selects the value loss's tokens, which may include rows that
+    carry no policy loss (other answers of a search tree as value targets).
     Defaults are the blog's table (c_ppo 1.0, c_value 1.0, c_KL 0.05, CISPO epsilon_high 5.0).
     """
     if loss == "cispo":
-        policy, clip_frac = _cispo(logp, old_logp, advantages, mask, eps_high, bound)
+        policy, clip_frac = _cispo(logp, old_logp, advantages, mask, eps_high, bound, agg)
     elif loss == "ppo":
-        policy, clip_frac = _ppo_clip(logp, old_logp, advantages, mask, eps)
+        policy, clip_frac = _ppo_clip(logp, old_logp, advantages, mask, eps, agg)
     else:
         raise ValueError(f"total_loss: loss must be 'cispo' or 'ppo', got {loss!r}")
     if ref_logp is None:
@@ -164,8 +176,8 @@ def total_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, values: 
             raise ValueError("total_loss: c_kl != 0 needs ref_logp")
         kl = policy.new_zeros(())
     else:
-        kl = kl_k3(logp, ref_logp, mask)
-    v_loss = value_loss(values, rewards, mask)
+        kl = kl_k3(logp, ref_logp, mask, agg)
+    v_loss = value_loss(values, rewards, mask if value_mask is None else value_mask, agg)
     total = c_ppo * policy + c_value * v_loss + c_kl * kl
     valid = mask > 0
     log_ratio = torch.where(valid, logp.detach() - old_logp, 0.0)

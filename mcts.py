@@ -5,29 +5,42 @@ leaf samples K continuations from the policy; pUCT with priors from the softmax 
 step logprobs decides where to search; 16 workers share one tree and spread out with virtual
 loss; after M iterations a greedy pass picks the trajectory that is distilled into the policy.
 
-Interpretation choices (the README repeats them):
+Interpretation choices (the README links here):
+- M counts iterations per worker, as in the blog author's code (`at2005/llm-mcts`: every one of
+  the 16 async workers of a tree runs its own loop of M selections, so a tree gets 16 x M). We
+  run the workers in batched rounds: in round r every worker of every tree selects once, then all
+  pending leaves of all trees are expanded in ONE sampler call; M rounds in all.
+- Depth and rounds: a node created in round r can be selected at the earliest in round r + 1, so
+  after R rounds the deepest expanded node sits at depth R - 1 and a terminal at depth d can have
+  its reward backed up only if R >= d + 1. The tiny model answers at depth 4 (three steps and the
+  answer), a 1.5B instruct model at ~4-8: the default M (train.py) leaves rounds to spare. Before
+  this rule M counted all workers together (ceil(M / 16) rounds): with M = 64 the search stopped
+  at depth 3, never backed up an answer and selected trajectories worse than one policy sample.
 - Backup is AlphaZero's: a selected leaf is expanded (K children with priors) and the value of
   the leaf itself, V(s_leaf) from the value head, or its dense reward if terminal, is backed up
   with N += 1 along the path. Children get their V(s) in the same sampler call and it enters the
   statistics the first time the child is selected (unvisited children count with Q = 0, as in
   the author's code). The root's value is never compared, so it backs up 0.
+- Collisions: a worker whose leaf is already pending in this round waits for that expansion,
+  then backs up the leaf's value along its own path (the author's async workers do this). Every
+  selection therefore adds one visit; if collided workers added none, branches whose samples
+  agree (merged into one child, so more collisions) would lose visits to uncertain ones.
 - Virtual loss is "value added to visit counts" (blog table, author's code): a selecting worker
   adds 1 to N of every node on its path, Q = W / (N + VL), removed on backup. The exploration
   term always drops. With visits alone Q is pulled towards 0, which repels from a branch with
   W > 0 but *draws* to one with W < 0 (most branches of a weak model: measured 347 collisions in
   400 selections). So by default each virtual visit also counts with value -1, the worst
-  reward (classic virtual *loss*): Q = (W - VL) / (N + VL). `--virtual-value 0` is the
+  reward (classic virtual *loss*): Q = (W - VL) / (N + VL). `virtual_value=0` is the
   visits-only rule of the blog's table / the author's code.
-- Workers are batched rounds: each round every tree's workers select in turn, then all pending
-  leaves of all trees are expanded in ONE sampler call. A worker landing on a leaf already
-  pending this round is a collision: it holds its virtual loss until the round's backup (as an
-  async worker waiting on that expansion would), then drops it without a backup.
-  A selected terminal leaf needs no model call: its reward is backed up at once.
-  M counts selections per tree, all workers together: ceil(M / workers) rounds.
+- A selected terminal leaf needs no model call: its reward is backed up at once.
+- Greedy selection (blog: "Trajectory Selection"): from the root follow the most-visited child
+  (ties: higher Q) until a terminal node or a node whose children were never visited. The
+  children of that last node are already sampled and evaluated (a terminal's reward, or V(s)),
+  so the best-evaluated one is taken (ties: higher prior) rather than sampling anew; only if it
+  is not terminal does one policy rollout finish the answer.
 - Token budget (`max_tree_tokens`, for equal-compute comparisons in eval.py): the search of a
   tree stops when the next expansion could overrun it, counting each expansion at its worst case
-  (K samples of max_step_tokens) and keeping max_total_tokens for the final rollout. Unlike a
-  fixed worst-case M, the search spends what short steps and free terminal selections leave.
+  (K samples of max_step_tokens) and keeping max_total_tokens for the final rollout.
 - Identical sibling steps (same tokens) are merged into one child whose prior is the sum of
   their softmax shares: same prior mass as keeping both, without splitting the search between
   identical subtrees.
@@ -51,7 +64,7 @@ class MCTSConfig:
     """Search knobs; defaults are the blog's table of values (workers, K, M, cpuct, virtual loss)."""
 
     workers: int = 16  # parallel agents sharing one tree (blog: "MCTS Workers (N agents)")
-    iterations: int = 100  # M: selections per tree, all workers together (ceil(M/workers) rounds)
+    iterations: int = 100  # M: selections per worker (author's code), one batched round each
     k: int = 4  # completions sampled per expanded leaf (blog: "Completions per Node (K)")
     c_puct: float = 0.5  # pUCT exploration coefficient (blog: "cpuct")
     virtual_loss: int = 1  # added to N along a selected path until backup (blog: "Virtual Loss")
@@ -114,9 +127,9 @@ class SearchResult:
     logprobs: list[float]  # per-token log pi_old under the raw sampling policy
     text: str
     reward: float  # dense reward of `text` (computed after the search, for training/logging)
-    step_values: list[tuple[int, float]]  # (index in `tokens` of a step's last token, V there)
     stats: dict
     root: Node = field(repr=False)
+    path: list[Node] = field(default_factory=list, repr=False)  # the selected nodes, root first
 
 
 def puct_score(q: float, prior: float, parent_visits: float, child_visits: float,
@@ -200,17 +213,23 @@ def _nodes(root: Node) -> list[Node]:
     return out
 
 
-def greedy_select(root: Node, mode: str = "visits") -> list[Node]:
+def terminals(root: Node) -> list[Node]:
+    """Every answer the search sampled (merged duplicates once), visited or not."""
+    return [n for n in _nodes(root) if n.terminal]
+
+
+def greedy_select(root: Node, cfg: MCTSConfig) -> list[Node]:
     """Blog's greedy selection after search: from the root, take the most-visited child (ties ->
-    higher Q) until a terminal node or a node whose children were never visited."""
-    if mode == "best_reward":
-        terminals = [n for n in _nodes(root) if n.terminal]
-        if terminals:
-            return max(terminals, key=lambda n: (n.reward, n.N)).path()
-    key = (lambda c: (c.N, c.q)) if mode != "q" else (lambda c: (c.q, c.N))
+    higher Q) until a terminal node or a node whose children were never visited; then, of that
+    node's sampled children, the best-evaluated one (ties -> higher prior)."""
+    if cfg.select == "best_reward" and (found := terminals(root)):
+        return max(found, key=lambda n: (n.reward, n.N)).path()
+    key = (lambda c: (c.N, c.q)) if cfg.select != "q" else (lambda c: (c.q, c.N))
     node = root
     while visited := [c for c in node.children if c.N > 0]:
         node = max(visited, key=key)
+    if node.children:  # sampled and evaluated at expansion, never selected: no need to resample
+        node = max(node.children, key=lambda c: (evaluate(c, cfg), c.prior))
     return node.path()
 
 
@@ -271,36 +290,27 @@ def search(problems: list[countdown.Problem], sampler, cfg: MCTSConfig | None = 
     tok = sampler.tokenizer
     prompts = [countdown.prompt_ids(p, tok) for p in problems]
     roots = [Node(value=0.0) for _ in problems]  # the root's Q is never compared: it backs up 0
-    counters = ("nodes", "expansions", "collisions", "terminal_backups", "tokens_generated",
-                "forward_tokens", "forward_tokens_reencode")
+    counters = ("nodes", "expansions", "collisions", "terminal_backups", "tokens_generated")
     stats = [dict.fromkeys(counters, 0) for _ in problems]
     out_of_budget = [False] * len(problems)  # token budget spent: this tree's search is over
-    calls = 0
-    forward_before = getattr(sampler, "forward_tokens", 0)
 
     def generate(jobs: list[tuple[int, Node]], max_new_tokens: int, **kw) -> list[list]:
-        """One sampler call for the (tree, node) jobs of all trees. Forward tokens are counted
-        with each context encoded once and fanned out (the sampler) and re-encoded per sample."""
-        nonlocal calls
-        calls += 1
-        contexts = [prompts[t] + _path_tokens(node) for t, node in jobs]
+        """One sampler call for the (tree, node) jobs of all trees, cut to max_total_tokens."""
+        contexts = [prompts[t] + path_tokens(node) for t, node in jobs]
         outs = sampler.generate(contexts, max_new_tokens=max_new_tokens,
                                 temperature=cfg.temperature, top_p=1.0, **kw)
-        for (t, _), ctx, samples in zip(jobs, contexts, outs):
-            generated = sum(len(c.tokens) for c in samples)
-            stats[t]["tokens_generated"] += generated
-            stats[t]["forward_tokens"] += len(ctx) + generated
-            stats[t]["forward_tokens_reencode"] += len(samples) * len(ctx) + generated
+        for (t, _), samples in zip(jobs, outs):
+            stats[t]["tokens_generated"] += sum(len(c.tokens) for c in samples)
         return [[_fit(c, cfg.max_total_tokens - node.length, tok) for c in samples]
                 for (_, node), samples in zip(jobs, outs)]
 
-    for start in range(0, cfg.iterations, cfg.workers):
+    for _ in range(cfg.iterations):  # one round = one selection by every worker of every tree
         pending: list[tuple[int, list[Node]]] = []  # (tree, path) to expand this round
-        waiting: list[list[Node]] = []  # collided paths holding virtual loss until the backup
+        waiting: list[list[Node]] = []  # collided paths: back up once their leaf is expanded
         for t, root in enumerate(roots):
             in_round: set[int] = set()
             committed = stats[t]["tokens_generated"]  # + worst case of this round's expansions
-            for _ in range(min(cfg.workers, cfg.iterations - start)):
+            for _ in range(cfg.workers):
                 if out_of_budget[t]:
                     break
                 path = select_leaf(root, cfg)
@@ -328,12 +338,12 @@ def search(problems: list[countdown.Problem], sampler, cfg: MCTSConfig | None = 
                 backup(path, evaluate(path[-1], cfg), cfg)
                 stats[t]["expansions"] += 1
                 stats[t]["nodes"] += len(path[-1].children)
-        for path in waiting:
-            _remove_virtual_loss(path, cfg)
+        for path in waiting:  # the waiting worker backs up the leaf it reached, now expanded
+            backup(path, evaluate(path[-1], cfg), cfg)
         if all(out_of_budget):
             break
 
-    paths = [greedy_select(root, cfg.select) for root in roots]
+    paths = [greedy_select(root, cfg) for root in roots]
     # A path that stops at a non-terminal node is finished by one policy rollout to the answer.
     jobs = [(t, path[-1]) for t, path in enumerate(paths) if not path[-1].terminal]
     rollouts = {}
@@ -343,14 +353,12 @@ def search(problems: list[countdown.Problem], sampler, cfg: MCTSConfig | None = 
         outs = generate(jobs, budget, n=1, stop=(ANSWER_CLOSE,), want_values=False)
         rollouts = {t: samples[0] for (t, _), samples in zip(jobs, outs)}
 
-    forward_all = getattr(sampler, "forward_tokens", 0) - forward_before
     results = []
     for t, (problem, path) in enumerate(zip(problems, paths)):
         steps = path[1:]
         tokens = [x for n in steps for x in n.tokens]
         logprobs = [x for n in steps for x in n.logprobs]
         text = "".join(n.text for n in steps)
-        step_values = [(n.length - 1, n.value) for n in steps if n.value is not None]
         rollout = rollouts.get(t)
         if rollout is not None:
             tokens += rollout.tokens
@@ -358,19 +366,16 @@ def search(problems: list[countdown.Problem], sampler, cfg: MCTSConfig | None = 
             text += rollout.text
         s = stats[t]
         s.update(depth=len(steps), max_depth=max(n.depth for n in _nodes(roots[t])),
+                 from_rollout=int(rollout is not None),
                  rollout_tokens=len(rollout.tokens) if rollout is not None else 0,
-                 root_visits=roots[t].N,
-                 # every selection that counted backed up a terminal, collided or expanded
-                 selections=s["terminal_backups"] + s["collisions"] + s["expansions"],
-                 prefix_reuse_saved=1 - s["forward_tokens"] / max(s["forward_tokens_reencode"], 1),
-                 sampler_calls=calls,  # shared by all trees of this search
-                 sampler_forward_tokens=forward_all)  # the sampler's own count, all trees
+                 # every selection backs up once: a terminal, a collision or an expansion
+                 selections=s["terminal_backups"] + s["collisions"] + s["expansions"])
         results.append(SearchResult(
             prompt_ids=list(prompts[t]), tokens=tokens, logprobs=logprobs, text=text,
-            reward=countdown.dense_reward(text, problem), step_values=step_values, stats=s,
-            root=roots[t]))
+            reward=countdown.dense_reward(text, problem), stats=s, root=roots[t], path=path))
     return results
 
 
-def _path_tokens(node: Node) -> list[int]:
+def path_tokens(node: Node) -> list[int]:
+    """The completion tokens from the root to the end of this node's step."""
     return [x for n in node.path() for x in n.tokens]

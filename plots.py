@@ -177,6 +177,42 @@ def train_figure(runs: list[dict], smooth: int = 1) -> Figure:
     return fig
 
 
+def search_figure(runs: list[dict], smooth: int = 1) -> Figure:
+    """Is the search selecting better trajectories than the policy samples? At each eval of an
+    mcts run: selected reward minus the mean of i.i.d. samples (train.search_gain); per batch:
+    the greedy path's depth and the share of answers that came from a rollout."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    plot_metric(axes[0], runs, STEP, "eval_search_gain")
+    axes[0].axhline(0.0, color="grey", lw=0.8)
+    plot_metric(axes[1], runs, STEP, "search_depth", smooth)
+    plot_metric(axes[2], runs, STEP, "search_from_rollout", smooth)
+    fig.suptitle("The search measured on itself (dense reward), mean over seeds, band = min-max")
+    fig.tight_layout()
+    return fig
+
+
+STABILITY = ("eval_format_rate", "kl", "entropy", "train_format_rate", "advantage_std",
+             "completion_len")
+
+
+def stability_figure(runs: list[dict], smooth: int = 1) -> Figure:
+    """Does a run keep what it learned? mean@16 next to the guards of divergence: eval format
+    rate, KL to the start model, policy entropy, the training batches' format rate, advantage
+    spread and completion length (per-step series averaged over the last `smooth` steps)."""
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8))
+    plot_metric(axes[0, 0], runs, STEP, EVAL_KEY)
+    for ax, key in zip(axes.flat[1:], STABILITY):
+        plot_metric(ax, runs, STEP, key, 1 if key.startswith("eval_") else smooth)
+    plot_metric(axes[1, 3], runs, STEP, "value_start", smooth)
+    fig.suptitle("Stability: eval and the per-step guards, mean over seeds, band = min-max")
+    fig.tight_layout()
+    return fig
+
+
+def has_metric(runs: list[dict], key: str) -> bool:
+    return any(key in row for run in runs for row in run["rows"])
+
+
 def budget_figure(summary: dict) -> Figure:
     """Accuracy vs generated-token budget per problem, one line per search method: the
     equal-compute comparison of plain sampling, best-of-N and MCTS at test time."""
@@ -316,6 +352,10 @@ def main(argv: list[str] | None = None) -> None:
     runs = label_runs([load_run(r) for r in args.runs])
     print(save(eval_figure(runs), args.out / f"eval_{mean_at(runs).replace('@', '_at_')}.png"))
     print(save(train_figure(runs, args.smooth), args.out / "train_reward.png"))
+    if has_metric(runs, "entropy"):
+        print(save(stability_figure(runs, args.smooth), args.out / "stability.png"))
+    if has_metric(runs, "eval_search_gain"):
+        print(save(search_figure(runs, args.smooth), args.out / "search_gain.png"))
     table = results_table(runs)
     (args.out / "results.md").write_text(table)
     print(table, end="")

@@ -95,8 +95,9 @@ class Args:
     or sparse (0/1, both papers' verifier reward: a malformed answer scores like a wrong one)"""
     mcts_workers: int = 16
     """parallel MCTS agents sharing one tree with virtual loss (blog: 16)"""
-    mcts_iterations: int = 64
-    """MCTS iterations per tree, M (blog: 100)"""
+    mcts_iterations: int = 8
+    """MCTS iterations per worker, M (blog: 100): a tree gets mcts_workers x M selections in M
+    batched rounds, and an answer at depth d needs M >= d + 1 rounds (mcts.py)"""
     mcts_k: int = 4
     """completions per expanded leaf, K (blog: 4)"""
     c_puct: float = 0.5
@@ -107,6 +108,17 @@ class Args:
     """MCTS token budget per tree (0: none; bound by M alone): search + rollout stay within it"""
     mcts_select: Literal["visits", "q", "best_reward"] = "visits"
     """greedy selection after search: most-visited child (blog), highest Q, or best terminal reward"""
+    mcts_baseline: Literal["value", "tree"] = "value"
+    """advantage of the selected trajectory: r - sg(V(s_t)) (blog), or r minus the mean reward of
+    the answers in its tree (a per-prompt baseline at no extra sampling)"""
+    mcts_value_targets: Literal["path", "tree"] = "path"
+    """value-head targets: the selected trajectory (blog), or also every other answer in the tree
+    (value loss only, on its path's states)"""
+    kl_warn: float = 0.1
+    """warn once when the logged k3 KL to the start model passes this (0: never)"""
+    search_gain_problems: int = 16
+    """mcts runs: at each eval, search this many eval problems (at most eval_problems) and log the
+    selected reward minus the mean reward of eval_n i.i.d. samples on them (search gain); 0: off"""
     temperature: float = 1.0
     """sampling temperature of the generators (log-probs are always those of the raw policy)"""
     max_new_tokens: int = 96
@@ -129,6 +141,11 @@ class Args:
     """k3 KL(pi_theta || pi_ref) weight c_KL (blog: 0.05)"""
     lr: float = 3e-5
     """AdamW learning rate (blog author's code: 5e-6 for the 1.5B model)"""
+    lr_schedule: Literal["constant", "linear"] = "constant"
+    """constant, or linear decay to 0 at --steps (blog author's code: linear, no warm-up)"""
+    loss_agg: Literal["token", "sequence"] = "token"
+    """loss aggregation: mean over the batch's tokens, or over each sequence's tokens then the
+    sequences (blog author's code)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
@@ -159,7 +176,8 @@ class Args:
     """print the resolved config and exit without starting anything"""
 
 
-# The blog's table of values (lr and grad clip from the author's code, as the table has none).
+# The blog's table of values (lr, its linear decay, grad clip, per-sequence loss mean and eval
+# temperature from the author's code, as the table has none).
 BLOG_PRESET = {
     "model": "Qwen/Qwen2.5-1.5B-Instruct", "backend": "vllm", "n_generators": 6, "n_trainers": 2,
     "batch_size": 32, "cispo_groups": 128, "group_size": 16, "bon_n": 64, "mcts_workers": 16,
@@ -167,7 +185,7 @@ BLOG_PRESET = {
     "c_ppo": 1.0, "c_value": 1.0, "c_kl": 0.05, "lr": 5e-6, "max_grad_norm": 0.1,
     "max_new_tokens": 512, "max_step_tokens": 64, "temperature": 0.8, "prompts_per_call": 4,
     "steps": 2048, "time_limit_min": 0.0, "eval_every": 64, "eval_problems": 820, "eval_n": 16,
-    "checkpoint_every": 64,
+    "eval_temperature": 0.2, "lr_schedule": "linear", "loss_agg": "sequence", "checkpoint_every": 64,
 }
 PRESETS = {"none": {}, "blog": BLOG_PRESET}
 
@@ -187,7 +205,6 @@ def parse_args(argv: list[str] | None = None) -> Args:
 
 
 GROUP_METHODS = ("cispo", "treepo", "treerl")  # many trajectories per prompt, relative advantages
-VALUE_BASELINE_METHODS = ("mcts", "bon")  # one trajectory per prompt, advantage r - sg(V(s_t))
 
 
 def traj_per_step(args: Args) -> int:
@@ -211,6 +228,8 @@ def check_args(args: Args) -> None:
         fail(f"--time-limit-min must be >= 0, got {args.time_limit_min}")
     if args.eval_every < 0:
         fail(f"--eval-every must be >= 0, got {args.eval_every}")
+    if args.search_gain_problems < 0:
+        fail(f"--search-gain-problems must be >= 0, got {args.search_gain_problems}")
     if args.method == "cispo" and args.group_size < 2:
         fail("--method cispo needs --group-size >= 2 (advantages are relative to the group)")
     if traj_per_step(args) % args.n_trainers:
@@ -236,10 +255,14 @@ def check_args(args: Args) -> None:
 
 
 def trajectory(prompt_ids, tokens, logprobs, reward: float,
-               advantage: float | list[float] | None, version: int) -> dict:
-    """One training item. `advantage` is one number for every token (CISPO, TreePO, SFT), a
-    per-token list (TreeRL's step advantages), or None (MCTS, BoN): the trainer computes theirs,
-    r - sg(V(s_t)), from its own forward (`train_step`)."""
+               advantage: float | list[float] | None, version: int,
+               info: dict[str, float] | None = None,
+               value_paths: list[tuple[list[int], float]] = ()) -> dict:
+    """One training item. `advantage` is one number for every token (CISPO, TreePO, SFT, MCTS with
+    --mcts-baseline tree), a per-token list (TreeRL's step advantages), or None (MCTS, BoN): the
+    trainer computes theirs, r - sg(V(s_t)), from its own forward (`advantages`).
+    `info`: numbers logged as batch means (the search's own metrics); `value_paths`: other
+    completions of the same prompt with their rewards, trained by the value loss only."""
     if not isinstance(advantage, (list, tuple)):
         advantage = [0.0 if advantage is None else advantage] * len(tokens)
     return {
@@ -249,6 +272,8 @@ def trajectory(prompt_ids, tokens, logprobs, reward: float,
         "reward": torch.tensor(reward, dtype=torch.float32),
         "advantages": torch.tensor(advantage, dtype=torch.float32),
         "version": torch.tensor(version, dtype=torch.int64),
+        "info": {k: float(v) for k, v in (info or {}).items()},
+        "value_paths": [(torch.tensor(t, dtype=torch.int64), float(r)) for t, r in value_paths],
     }
 
 
@@ -262,10 +287,22 @@ def mcts_config(args: Args) -> mcts.MCTSConfig:
 
 
 def mcts_trajectories(problems, sampler, args: Args, version: int) -> list[dict]:
-    """Blog's method: parallel MCTS over reasoning steps, then greedy selection of one trajectory."""
-    cfg = mcts_config(args)
-    return [trajectory(r.prompt_ids, r.tokens, r.logprobs, r.reward, None, version)
-            for r in mcts.search(problems, sampler, cfg)]
+    """Blog's method: parallel MCTS over reasoning steps, then greedy selection of one trajectory.
+    Each item carries the search's own metrics, logged per batch (is the search reaching answers?)."""
+    trajs = []
+    for r in mcts.search(problems, sampler, mcts_config(args)):
+        answers = [n for n in mcts.terminals(r.root) if n is not r.path[-1]]
+        advantage = None  # blog: r - sg(V(s_t)), computed by the trainer
+        if args.mcts_baseline == "tree":  # r - mean reward of every answer the search produced
+            advantage = r.reward - sum([r.reward] + [n.reward for n in answers]) / (1 + len(answers))
+        value_paths = ([(mcts.path_tokens(n), n.reward) for n in answers]
+                       if args.mcts_value_targets == "tree" else [])
+        info = {"search_depth": r.stats["depth"], "search_from_rollout": r.stats["from_rollout"],
+                "search_terminal_backups": r.stats["terminal_backups"],
+                "search_tree_tokens": r.stats["tokens_generated"]}
+        trajs.append(trajectory(r.prompt_ids, r.tokens, r.logprobs, r.reward, advantage, version,
+                                info, value_paths))
+    return trajs
 
 
 def cispo_trajectories(problems, sampler, args: Args, version: int) -> list[dict]:
@@ -371,33 +408,77 @@ def generator(args: Args, sh: Shared, g: int, train: list) -> None:
 
 def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad prompt+completion; the loss mask covers the completion tokens, shifted by one so
-    position t holds the distribution over token t+1 (and V(s_t) of the state before it)."""
-    lens = [len(b["prompt_ids"]) + len(b["tokens"]) for b in batch]
-    B, L = len(batch), max(lens)
+    position t holds the distribution over token t+1 (and V(s_t) of the state before it).
+    The items' value paths follow as extra rows in value_mask only (no policy loss, no KL)."""
+    rows = [(b["prompt_ids"], b["tokens"], b["reward"], True, b) for b in batch]
+    rows += [(b["prompt_ids"], tokens, torch.tensor(r), False, b)
+             for b in batch for tokens, r in b["value_paths"]]
+    B, L = len(rows), max(len(p) + len(t) for p, t, *_ in rows)
     ids = torch.full((B, L), pad_id, dtype=torch.int64)
     attn = torch.zeros(B, L, dtype=torch.int64)
-    mask = torch.zeros(B, L - 1)
-    old = torch.zeros(B, L - 1)
-    adv = torch.zeros(B, L - 1)
-    for i, b in enumerate(batch):
-        P, T = len(b["prompt_ids"]), len(b["tokens"])
-        ids[i, :P + T] = torch.cat([b["prompt_ids"], b["tokens"]])
+    mask, value_mask, old, adv = (torch.zeros(B, L - 1) for _ in range(4))
+    for i, (prompt, tokens, _, policy_row, b) in enumerate(rows):
+        P, T = len(prompt), len(tokens)
+        ids[i, :P + T] = torch.cat([prompt, tokens])
         attn[i, :P + T] = 1
-        mask[i, P - 1:P - 1 + T] = 1.0
-        old[i, P - 1:P - 1 + T] = b["old_logprobs"]
-        adv[i, P - 1:P - 1 + T] = b["advantages"]
-    return {"input_ids": ids, "attention_mask": attn, "mask": mask, "old_logprobs": old,
-            "rewards": torch.stack([b["reward"] for b in batch]),
-            "advantages": adv,
-            "versions": torch.stack([b["version"] for b in batch])}
+        value_mask[i, P - 1:P - 1 + T] = 1.0
+        if policy_row:
+            mask[i, P - 1:P - 1 + T] = 1.0
+            old[i, P - 1:P - 1 + T] = b["old_logprobs"]
+            adv[i, P - 1:P - 1 + T] = b["advantages"]
+    return {"input_ids": ids, "attention_mask": attn, "mask": mask, "value_mask": value_mask,
+            "old_logprobs": old, "rewards": torch.stack([r for _, _, r, *_ in rows]),
+            "advantages": adv, "policy_rows": torch.tensor([p for *_, p, _ in rows]),
+            "versions": torch.stack([b["version"] for *_, b in rows])}
 
 
-def advantages(method: str, batch: dict, values: torch.Tensor) -> torch.Tensor:
-    """Per-token advantages [B, T-1], by method. MCTS / BoN: the blog's A_t = r - sg(V_old(s_t)),
-    V_old from the trainer's pre-step forward (one PPO inner step, so the old model up to policy
-    lag). The others bring theirs from the generator: group- (CISPO) or tree-relative (TreePO,
-    TreeRL), or 1 on every token (SFT)."""
-    if method in VALUE_BASELINE_METHODS:
+def batch_info(batch: list[dict]) -> dict[str, float]:
+    """Batch means of the items' logged numbers (the same keys for every item of a method)."""
+    keys = sorted(batch[0]["info"])
+    return {k: sum(b["info"][k] for b in batch) / len(batch) for k in keys}
+
+
+HEALTH = ("entropy", "advantage_std", "value_mean", "value_start", "reward_std",
+          "completion_len", "logp_gap")
+
+
+def health_stats(logits, logp, values, advantages, batch: dict) -> dict[str, float]:
+    """What to watch for divergence, on the policy rows' completion tokens: the policy's entropy
+    (nats/token), the advantages' spread, V(s) overall and at the first completion state against
+    the rewards it predicts, completion length, and mean |log pi_theta - log pi_old| (policy lag
+    plus any sampler/trainer mismatch)."""
+    mask, rows = batch["mask"], batch["policy_rows"]
+    valid = mask > 0
+    n = valid.sum().clamp(min=1)
+
+    def mean(x):
+        return (torch.where(valid, x, 0.0).sum() / n).item()
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    first = valid.float().argmax(dim=1)[rows]  # each policy row's first completion position
+    adv = advantages[valid]
+    return {"entropy": mean(entropy),
+            "advantage_std": adv.std().item() if adv.numel() > 1 else 0.0,
+            "value_mean": mean(values), "value_start": values[rows, first].mean().item(),
+            "reward_std": batch["rewards"][rows].std().item() if rows.sum() > 1 else 0.0,
+            "completion_len": mask[rows].sum(1).mean().item(),
+            "logp_gap": mean((logp - batch["old_logprobs"]).abs())}
+
+
+def lr_at(step: int, args: Args) -> float:
+    """The learning rate of optimizer step `step` (0-based): constant, or linear decay from lr to
+    0 over --steps (transformers' "linear" schedule without warm-up: lr * (1 - step / steps))."""
+    if args.lr_schedule == "constant":
+        return args.lr
+    return args.lr * max(0.0, 1.0 - step / args.steps)
+
+
+def advantages(args: Args, batch: dict, values: torch.Tensor) -> torch.Tensor:
+    """Per-token advantages [B, T-1], by method. MCTS (--mcts-baseline value) and BoN: the blog's
+    A_t = r - sg(V_old(s_t)), V_old from the trainer's pre-step forward (one PPO inner step, so
+    the old model up to policy lag). The others bring theirs from the generator: group- (CISPO)
+    or tree-relative (TreePO, TreeRL, MCTS with --mcts-baseline tree), or 1 everywhere (SFT)."""
+    if args.method == "bon" or (args.method == "mcts" and args.mcts_baseline == "value"):
         return losses.mcts_advantages(batch["rewards"], values, batch["mask"])
     return batch["advantages"] * batch["mask"]
 
@@ -412,11 +493,14 @@ def train_step(model, ref: PolicyWithValue | None, opt, batch: dict, args: Args)
     if ref is not None:
         with torch.no_grad():
             ref_logp = losses.token_logprobs(ref(ids, attention_mask=attn)[0][:, :-1], ids[:, 1:])
-    per_token = advantages(args.method, batch, values)
+    per_token = advantages(args, batch, values)
     loss, stats = losses.total_loss(
         logp, batch["old_logprobs"], ref_logp, values, batch["rewards"], per_token, mask,
         c_ppo=args.c_ppo, c_value=args.c_value, c_kl=args.c_kl if ref is not None else 0.0,
-        loss=args.loss, eps_high=args.eps_high, bound=args.cispo_bound)
+        loss=args.loss, eps_high=args.eps_high, bound=args.cispo_bound,
+        value_mask=batch["value_mask"], agg=args.loss_agg)
+    with torch.no_grad():
+        stats.update(health_stats(logits[:, :-1], logp, values, per_token, batch))
     if not math.isfinite(stats["total_loss"]):
         raise FloatingPointError(f"non-finite loss ({stats['total_loss']}): "
                                  f"policy {stats['policy_loss']}, value {stats['value_loss']}, kl {stats['kl']}")
@@ -425,6 +509,25 @@ def train_step(model, ref: PolicyWithValue | None, opt, batch: dict, args: Args)
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
     opt.step()
     return stats
+
+
+def search_gain(sampler, problems: list, args: Args) -> dict[str, float]:
+    """The search measured on itself: the selected trajectory's reward minus the mean reward of
+    eval_n i.i.d. policy samples on the same problems (dense, as trained on; and exact success),
+    both at the training temperature."""
+    results = mcts.search(problems, sampler, mcts_config(args))
+    prompts = [r.prompt_ids for r in results]
+    outs = sampler.generate(prompts, n=args.eval_n, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, stop=(countdown.ANSWER_CLOSE,))
+    sample_dense = [countdown.dense_reward(c.text, p) for p, g in zip(problems, outs) for c in g]
+    sample_exact = [countdown.sparse_reward(c.text, p) for p, g in zip(problems, outs) for c in g]
+    selected = sum(r.reward for r in results) / len(results)
+    exact = sum(countdown.sparse_reward(r.text, p) for r, p in zip(results, problems)) / len(results)
+    return {"eval_search_reward": selected,
+            "eval_sample_reward": sum(sample_dense) / len(sample_dense),
+            "eval_search_gain": selected - sum(sample_dense) / len(sample_dense),
+            "eval_search_success": exact,
+            "eval_sample_success": sum(sample_exact) / len(sample_exact)}
 
 
 def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_start: float,
@@ -458,26 +561,39 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
         smp = sampler_lib.make_sampler("torch", policy, tokenizer, seed=args.seed)
         r = evaluation.evaluate(smp, test, n=args.eval_n, temperature=args.eval_temperature,
                                 max_new_tokens=args.max_new_tokens, progress=False)
-        return {f"eval_mean_at_{args.eval_n}": r["mean_at_n"], "eval_ci95": r["ci95"],
-                "eval_format_rate": r["format_rate"], "eval_mean_len": r["mean_len"]}
+        row = {f"eval_mean_at_{args.eval_n}": r["mean_at_n"], "eval_ci95": r["ci95"],
+               "eval_format_rate": r["format_rate"], "eval_mean_len": r["mean_len"]}
+        if args.method == "mcts" and args.search_gain_problems:
+            row.update(search_gain(smp, test[:args.search_gain_problems], args))
+        return row
 
     if rank == 0 and not resume_ckpt:  # mean@16 "before": no trajectory trained on yet
         sh.log_q.put({"row": {"step": step, "wall_time": wall(), "generated_tokens": 0,
                               **evaluate()}})
-    last = False
+    last, kl_warned = False, False
     while not last:
         batch = infra.next_batch(sh, per_rank)
         if batch is None:  # main asked us to stop
             return
         data = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
+        info = batch_info(batch)
+        texts = [tokenizer.decode(b["tokens"], skip_special_tokens=True) for b in batch]
+        formatted = [countdown.is_well_formatted(t) for t in texts]
+        if rank == 0 and not all(formatted) and step % 10 == 0:  # what malformed answers look like
+            sh.log_q.put({"event": "malformed", "step": step,
+                          "text": texts[formatted.index(False)][-300:]})
+        for group in opt.param_groups:  # derived from the step: a resumed run continues it
+            group["lr"] = lr_at(step, args)
         stats = train_step(model, ref, opt, data, args)
-        lag = (step - data["versions"]).float()  # trainer version - version that generated it
-        logged = torch.tensor([data["rewards"].mean().item(), stats["policy_loss"],
-                               stats["value_loss"], stats["kl"], lag.mean().item(),
-                               lag.max().item(), stats["clip_frac"], stats["grad_norm"]],
-                              device=device)
-        dist.all_reduce(logged)  # global-batch means for logging
-        logged /= args.n_trainers
+        lag = (step - data["versions"][data["policy_rows"]]).float()  # trainer - generating version
+        logged = {"train_reward": data["rewards"][data["policy_rows"]].mean().item(),
+                  "train_format_rate": sum(formatted) / len(formatted),
+                  **{k: stats[k] for k in ("policy_loss", "value_loss", "kl")},
+                  "policy_lag": lag.mean().item(), "policy_lag_max": lag.max().item(),
+                  **{k: stats[k] for k in ("clip_frac", "grad_norm", *HEALTH)}, **info}
+        local = torch.tensor(list(logged.values()), device=device)
+        dist.all_reduce(local)  # global-batch means for logging
+        local /= args.n_trainers
         step += 1
         # rank 0's clock decides the time limit, for every rank
         time_up = infra.any_rank(rank == 0 and 0 < args.time_limit_min * 60 <= time.time() - t_start,
@@ -487,8 +603,13 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
             continue
         if step % args.sync_every == 0:
             infra.publish_weights(sh, policy, step)
-        row = dict(zip(["train_reward", "policy_loss", "value_loss", "kl", "policy_lag",
-                        "policy_lag_max", "clip_frac", "grad_norm"], logged.tolist()))
+        row = dict(zip(logged, local.tolist()))
+        if args.kl_warn and row["kl"] > args.kl_warn and not kl_warned:  # once per run
+            kl_warned = True
+            message = (f"KL to the start model {row['kl']:.3f} > --kl-warn {args.kl_warn} at step "
+                       f"{step}: the policy is drifting (lower --lr / --max-grad-norm?)")
+            print(f"train.py: warning: {message}", file=sys.stderr, flush=True)
+            sh.log_q.put({"event": "warning", "step": step, "message": message})
         row.update(step=step, wall_time=wall(), lr=opt.param_groups[0]["lr"],
                    **infra.generator_stats(sh))
         if last or (args.eval_every and step % args.eval_every == 0):

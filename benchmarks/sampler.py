@@ -104,7 +104,7 @@ def hf_generate(policy, tokenizer, prompts, n, new_tokens, temperature):
     """transformers' generate on left-padded prompts, EOS masked (min_new_tokens): exactly
     new_tokens per sample, like ours below; returns the number of new tokens."""
     batch = tokenizer.pad({"input_ids": [p for p in prompts for _ in range(n)]},
-                          padding_side="left", return_tensors="pt")
+                          padding_side="left", return_tensors="pt").to(policy.lm.device)
     out = policy.lm.generate(**batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                              max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              pad_token_id=tokenizer.pad_token_id)

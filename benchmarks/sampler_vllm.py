@@ -19,6 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from counting import CountingSampler
+
 import countdown
 import mcts
 from sampler import TorchSampler, make_sampler
@@ -45,7 +47,7 @@ def best_seconds(methods: dict, repeats: int) -> tuple[dict, dict]:
 def main() -> None:
     ap = bench_sampler.common_args(__doc__)
     ap.add_argument("--trees", type=int, default=8, help="MCTS trees searched together")
-    ap.add_argument("--iterations", type=int, default=32, help="MCTS selections per tree (M)")
+    ap.add_argument("--iterations", type=int, default=2, help="MCTS iterations per worker (M)")
     ap.add_argument("--syncs", type=int, default=5, help="timed weight syncs")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -87,12 +89,13 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, s in samplers.items():
             queries, hits = vs.prefix_cache_queries, vs.prefix_cache_hits
+            counted = CountingSampler(s)
             t = time.perf_counter()
-            results = mcts.search(problems, s, cfg)
+            mcts.search(problems, counted, cfg)
             seconds[name] = min(seconds[name], time.perf_counter() - t)
             if name == "vllm":
                 hit_rate = (vs.prefix_cache_hits - hits) / max(vs.prefix_cache_queries - queries, 1)
-    calls = results[0].stats["sampler_calls"]
+    calls = counted.calls
     print(f"\nMCTS: {args.trees} trees x M={cfg.iterations}, {cfg.workers} workers, K={cfg.k}, "
           f"{calls} sampler calls per search")
     for name in samplers:

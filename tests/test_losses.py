@@ -327,3 +327,39 @@ def test_shape_mismatch_is_a_clear_error():
     logp, old, adv = cispo_inputs()
     with pytest.raises(ValueError, match="advantages has shape"):
         losses.cispo_loss(logp, old, adv[:, :1], MASK)
+
+
+def test_value_mask_moves_the_value_loss_only():
+    # two rows: the first trains policy and value on its 2 tokens; the second (a value path)
+    # only the value on its 1 token. Value loss = mean((V - r)^2) over the 3 value tokens:
+    # ((0.5 - 1)^2 + (0 - 1)^2 + (0.25 - (-1))^2) / 3 = (0.25 + 1 + 1.5625) / 3 = 0.9375
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -0.5]])
+    values = torch.tensor([[0.5, 0.0], [0.25, 9.0]])
+    mask = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    value_mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    rewards = torch.tensor([1.0, -1.0])
+    adv = torch.tensor([[0.5, 0.5], [0.0, 0.0]])
+    _, with_paths = losses.total_loss(logp, logp, None, values, rewards, adv, mask, c_kl=0.0,
+                               value_mask=value_mask)
+    _, plain = losses.total_loss(logp, logp, None, values, rewards, adv, mask, c_kl=0.0)
+    assert with_paths["value_loss"] == pytest.approx(0.9375)
+    assert plain["value_loss"] == pytest.approx((0.25 + 1.0) / 2)
+    # the policy term (and its token count) ignores the value rows: -0.5 * (-1 - 2) / 2 = 0.75
+    assert with_paths["policy_loss"] == pytest.approx(0.75) == plain["policy_loss"]
+    assert with_paths["n_tokens"] == plain["n_tokens"] == 2
+
+
+def test_sequence_aggregation_weighs_every_sequence_alike_by_hand():
+    # row 0: 3 valid tokens of x = 1, 2, 3; row 1: 1 valid token x = 10; row 2: none.
+    x = torch.tensor([[1.0, 2.0, 3.0], [10.0, 99.0, 99.0], [7.0, 7.0, 7.0]])
+    valid = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]]) > 0
+    assert losses._masked_mean(x, valid, "token").item() == pytest.approx(16 / 4)
+    assert losses._masked_mean(x, valid, "sequence").item() == pytest.approx((2 + 10) / 2)
+    # CISPO at ratio 1 (w = 1): -mean(A * logp); sequence: -((0.5 * -1 + 0.5 * -3) / 2 + 2 * -1) / 2
+    logp = torch.tensor([[-1.0, -3.0], [-1.0, 0.0]])
+    adv = torch.tensor([[0.5, 0.5], [2.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    assert losses.cispo_loss(logp, logp, adv, mask, agg="sequence").item() == pytest.approx(1.5)
+    assert losses.cispo_loss(logp, logp, adv, mask).item() == pytest.approx(4 / 3)
+    with pytest.raises(ValueError, match="aggregation"):
+        losses._masked_mean(x, valid, "batch")

@@ -215,9 +215,12 @@ def test_terminal_detection_and_terminal_rewards():
 #     ANSWER 0.517 > 0.190: terminal, back up its reward 1.0   root N3 W1.5, A N2 W1.5, ANS N1 W1
 #  4: root 4: A 1.5/3 + 0.3655*2/3 = 0.744 > B 0.269; in A (3): ANSWER 1/2 + 0.3655*sqrt3/2
 #     = 0.817 > 0.1345*sqrt3 = 0.233: ANSWER again, no expansion  root N4 W2.5, A N3 W2.5, ANS N2 W2
+# Greedy selection: after 1 iteration it stops at the root, takes the best-evaluated sampled
+# child A (V 0.5 > -0.2) and rolls out from it (+1 call); after 2 it stops at A, whose sampled
+# children are ANSWER (reward 1.0) and "3+3=6" (V 0.9): ANSWER, no rollout.
 @pytest.mark.parametrize("iterations,expected,calls", [
-    (1, {"": (1, 0.0)}, 2),  # + 1 rollout call: the path stops at the root
-    (2, {"": (2, 0.5), A: (1, 0.5)}, 3),
+    (1, {"": (1, 0.0)}, 2),
+    (2, {"": (2, 0.5), A: (1, 0.5)}, 2),
     (3, {"": (3, 1.5), A: (2, 1.5), ANSWER: (1, 1.0)}, 2),
     (4, {"": (4, 2.5), A: (3, 2.5), ANSWER: (2, 2.0)}, 2),
 ])
@@ -230,34 +233,39 @@ def test_backup_matches_hand_computed_visits_and_values(iterations, expected, ca
         assert visited[text][0] == n and visited[text][1] == pytest.approx(w)
     assert len(sampler.calls) == calls
     assert all(n.vloss == 0 for n in all_nodes(res.root))
-    if iterations >= 3:
-        assert res.text == A + ANSWER and res.reward == 1.0
-        assert res.stats["terminal_backups"] == iterations - 2 and res.stats["depth"] == 2
+    if iterations >= 2:
+        assert res.text == A + ANSWER and res.reward == 1.0 and res.stats["from_rollout"] == 0
+        assert res.stats["terminal_backups"] == max(iterations - 2, 0)
+        assert res.stats["depth"] == 2 and res.path[-1].text == ANSWER
 
 
-def test_collisions_hold_virtual_loss_for_the_round_then_drop_it():
-    # Round 1: both workers can only reach the root -> 1 expansion, 1 collision.
-    # Round 2 (equal priors 0.5): worker 1 root N+VL 2 -> A (first of a tie); worker 2 root 3:
-    #   A 0 + 0.25*sqrt3/2 = 0.217 < B 0.25*sqrt3 = 0.433 -> B. Both expanded in one call.
+def test_a_collided_worker_waits_for_the_expansion_then_backs_up_its_leaf():
+    # Round 1: both workers can only reach the root -> 1 expansion; the collided worker then
+    #   backs up V(root) = 0 too: root N 2.
+    # Round 2 (equal priors 0.5, virtual value -1): worker 1, root N+VL 3: A and B tie at
+    #   0.25*sqrt3 -> A (first); worker 2, root 4: A (-1 + 0.25*2/2 = -0.75) < B (0.25*2 = 0.5)
+    #   -> B. Both expanded in one call, backing up 0.5 and -0.2.
     def script(done, stop):
         if done == "":
             return [(A, -1.0, "step", 0.5), (B, -1.0, "step", -0.2)]
         return hand_script(done, stop)
     sampler = ScriptedSampler(script)
-    [res] = search([PROBLEM], sampler, MCTSConfig(workers=2, iterations=4, k=2))
+    [res] = search([PROBLEM], sampler, MCTSConfig(workers=2, iterations=2, k=2))
     assert res.stats["collisions"] == 1 and res.stats["expansions"] == 3
     assert [c["prompts"] for c in sampler.calls[:2]] == [1, 2]
-    assert res.root.N == 3 and res.root.W == pytest.approx(0 + 0.5 - 0.2)
+    assert res.root.N == 4 == res.stats["selections"]  # every selection adds one visit
+    assert res.root.W == pytest.approx(0 + 0 + 0.5 - 0.2)
     assert all(n.vloss == 0 for n in all_nodes(res.root))
 
 
 def test_sixteen_workers_in_search_expand_sixteen_distinct_leaves_in_round_three():
-    # Round 1: root + 15 collisions; round 2: 4 children + 12 collisions; round 3: 16 leaves.
+    # M = 3 per worker = 3 rounds of 16 selections. Round 1: root + 15 collisions; round 2:
+    # 4 children + 12 collisions; round 3: 16 leaves.
     sampler = ScriptedSampler(endless_script)
-    [res] = search([PROBLEM], sampler, MCTSConfig(workers=16, iterations=48))
+    [res] = search([PROBLEM], sampler, MCTSConfig(workers=16, iterations=3))
     assert [c["prompts"] for c in sampler.calls[:3]] == [1, 4, 16]
     assert res.stats["collisions"] == 15 + 12 and res.stats["expansions"] == 21
-    assert res.root.N + res.stats["collisions"] == 48  # every selection backs up or collides
+    assert res.root.N == 48 == res.stats["selections"]  # collided workers back up too
     assert all(n.vloss == 0 for n in all_nodes(res.root))
 
 
@@ -265,23 +273,82 @@ def test_sixteen_workers_in_search_expand_sixteen_distinct_leaves_in_round_three
 def test_one_sampler_call_per_round_for_all_workers_and_trees(workers):
     problems = [PROBLEM, Problem((2, 3, 5, 7), 24), Problem((1, 1, 13, 13), 26)]
     sampler = ScriptedSampler(endless_script)
-    results = search(problems, sampler, MCTSConfig(workers=workers, iterations=16))
+    results = search(problems, sampler, MCTSConfig(workers=workers, iterations=16 // workers))
     *rounds, rollout = sampler.calls
-    assert len(rounds) == math.ceil(16 / workers)
+    assert len(rounds) == 16 // workers  # M per worker = rounds
     assert all(c["n"] == 4 and c["want_values"] and c["stop"] == (STEP_END, ANSWER_CLOSE)
                for c in rounds)
     assert sum(c["prompts"] for c in rounds) == sum(r.stats["expansions"] for r in results)
     assert rollout["n"] == 1 and rollout["stop"] == (ANSWER_CLOSE,) and rollout["prompts"] == 3
     for r in results:
-        assert r.stats["sampler_calls"] == len(sampler.calls)
-        assert r.root.N + r.stats["collisions"] == 16
-        assert r.stats["forward_tokens"] < r.stats["forward_tokens_reencode"]
+        assert r.root.N == 16 == r.stats["selections"]
+
+
+def depth_script(d, options=((-1.0, 0.2),)):
+    """Answers sit at depth d: d - 1 steps, one per (summed logprob, V) option given, then two
+    answers (one right)."""
+    def script(done, stop):
+        depth = done.count(STEP_END)
+        if stop == (ANSWER_CLOSE,) or depth == d - 1:
+            return [(ANSWER, -1.0, "answer", 0.4), ("<answer>1</answer>", -1.0, "answer", 0.4)]
+        return [(f"{i}+{depth}={i + depth}{STEP_END}", lp, "step", v)
+                for i, (lp, v) in enumerate(options, 1)]
+    return script
+
+
+@pytest.mark.parametrize("d", [1, 2, 4, 6, 8])
+def test_a_terminal_at_depth_d_is_backed_up_from_round_d_plus_1(d):
+    # Round r expands nodes of depth <= r - 1, so their children (depth <= r) are selectable from
+    # round r + 1: with M rounds an answer at depth d can be backed up only if M >= d + 1. On a
+    # chain (the policy sure of every step) all 16 workers reach the answers in round d + 1.
+    for rounds in (d, d + 1):
+        [res] = search([PROBLEM], ScriptedSampler(depth_script(d)),
+                       MCTSConfig(workers=16, iterations=rounds, k=2))
+        assert res.stats["max_depth"] == min(rounds, d) and res.stats["expansions"] == d
+        assert res.stats["terminal_backups"] == (16 if rounds == d + 1 else 0)
+        # either way greedy ends on the right answer the tree already sampled: no rollout
+        assert res.stats["from_rollout"] == 0 and res.reward == 1.0
+
+
+def test_the_default_search_backs_up_answers_at_the_depths_models_produce():
+    # tiny model: answers at depth 4 (three steps + the answer); a 1.5B instruct model: ~4-8
+    # (the CPU default M = 8 reaches depth 7; --preset blog's M = 100 more)
+    from train import BLOG_PRESET, Args
+    cfg = MCTSConfig(workers=Args().mcts_workers, iterations=Args().mcts_iterations, k=4)
+    # four distinct steps everywhere, with the unequal priors and values of a real policy
+    options = ((-2.0, 0.5), (-3.0, 0.1), (-4.0, -0.2), (-5.0, -0.5))
+    blog = dataclasses.replace(cfg, iterations=BLOG_PRESET["mcts_iterations"])
+    for d, c in ((4, cfg), (5, cfg), (6, cfg), (7, cfg), (8, blog)):
+        [res] = search([PROBLEM], ScriptedSampler(depth_script(d, options)), c)
+        assert res.stats["terminal_backups"] > 0 and res.stats["depth"] == d
+        assert res.text.endswith(ANSWER) and res.stats["from_rollout"] == 0
+
+
+def test_collisions_do_not_bias_visits_away_from_a_confident_branch():
+    # Root: two steps of equal prior and equal value. Under "C" the policy is sure (its K samples
+    # are identical, merged into one child: one leaf per depth, so parallel workers collide);
+    # under "D" it is unsure (K distinct steps). Equal values everywhere, so a fair search visits
+    # both about equally; if collided workers backed up nothing, "D" would take most visits.
+    def script(done, stop):
+        if stop == (ANSWER_CLOSE,):
+            return [(ANSWER, -1.0, "answer", None)]
+        if done == "":
+            return [("C" + STEP_END, -1.0, "step", 0.3), ("D" + STEP_END, -1.0, "step", 0.3)]
+        if done.startswith("C"):
+            return [("c" + STEP_END, -0.5, "step", 0.3)]
+        return [(f"d{i}{STEP_END}", -2.0, "step", 0.3) for i in range(4)]
+    [res] = search([PROBLEM], ScriptedSampler(script), MCTSConfig(workers=16, iterations=8))
+    confident, diverse = sorted(res.root.children, key=lambda n: n.text)
+    assert confident.text.startswith("C") and len(confident.children) == 1
+    assert confident.N + diverse.N == 16 * 7  # every selection after round 1 (the root)
+    assert abs(confident.N - diverse.N) <= 0.1 * (confident.N + diverse.N)
 
 
 def test_rollout_finishes_a_path_that_stops_at_a_non_terminal_node():
-    # 2 iterations: root, then A expanded; A's children unvisited -> greedy stops at A.
+    # 1 iteration: the root expanded, its children unvisited -> greedy stops at the root and takes
+    # the best-evaluated child, A (V 0.5 > B's -0.2), which is not terminal: rollout from A.
     sampler = ScriptedSampler(hand_script)
-    [res] = search([PROBLEM], sampler, MCTSConfig(workers=1, iterations=2, k=2))
+    [res] = search([PROBLEM], sampler, MCTSConfig(workers=1, iterations=1, k=2))
     rollout = "<answer>(1+2)*3+4</answer>"
     assert sampler.calls[-1] == {"prompts": 1, "n": 1, "max_new_tokens": 256 - len(A),
                                  "stop": (ANSWER_CLOSE,), "want_values": False}
@@ -289,8 +356,9 @@ def test_rollout_finishes_a_path_that_stops_at_a_non_terminal_node():
     assert res.logprobs == pytest.approx([-1.0 / len(A)] * len(A)
                                          + [-0.7 / len(rollout)] * len(rollout))
     assert res.reward == pytest.approx(0.4)  # 13 for 10: 1 - 2 * 3/10
-    assert res.step_values == [(len(A) - 1, 0.5)]
+    assert [n.text for n in res.path] == ["", A] and res.path[-1].value == 0.5
     assert res.stats["rollout_tokens"] == len(rollout) and res.stats["depth"] == 1
+    assert res.stats["from_rollout"] == 1
     prompt = countdown.make_prompt(PROBLEM, sampler.tokenizer)
     assert res.prompt_ids == [ord(ch) for ch in prompt]
 
@@ -325,7 +393,8 @@ def hand_tree():
     b = child(root, N=5, W=2.0)  # Q 0.4: ties a on N, wins on Q
     b1 = child(b, N=3, W=1.5, terminal=True, reward=0.5)
     b2 = child(b, N=2, W=0.5)
-    child(b2)  # expanded, never visited
+    b21 = child(b2)  # expanded, never visited
+    b21.value = 0.3
     c = child(root, N=2, W=1.8)  # Q 0.9: best Q
     c1 = child(c, N=2, W=1.8, terminal=True, reward=0.9)
     d = child(root, terminal=True, reward=1.0)  # found in an expansion, never visited
@@ -334,11 +403,26 @@ def hand_tree():
 
 def test_greedy_select_most_visited_q_and_best_reward():
     root, _, b, b1, b2, c, c1, d = hand_tree()
-    assert greedy_select(root, "visits") == [root, b, b1]
-    assert greedy_select(root, "q") == [root, c, c1]
-    assert greedy_select(root, "best_reward") == [root, d]
-    b1.N = 1  # now b2 (N 2) is the most visited; its child was never visited: stop at b2
-    assert greedy_select(root, "visits") == [root, b, b2]
+    assert greedy_select(root, MCTSConfig(select="visits")) == [root, b, b1]
+    assert greedy_select(root, MCTSConfig(select="q")) == [root, c, c1]
+    assert greedy_select(root, MCTSConfig(select="best_reward")) == [root, d]
+    b1.N = 1  # now b2 (N 2) is the most visited; its only child was sampled, never visited
+    assert greedy_select(root, MCTSConfig(select="visits")) == [root, b, b2, b2.children[0]]
+
+
+def test_greedy_select_ends_on_the_best_sampled_answer_instead_of_a_rollout():
+    # The greedy path stops at s (children never visited): of its sampled children, the answers
+    # score by their reward (training) or V (test time), a step by V.
+    root = Node(N=4, W=1.0)
+    s = child(root, N=4, W=1.0)
+    wrong = child(s, prior=0.5, terminal=True, reward=-0.4)
+    right = child(s, prior=0.2, terminal=True, reward=1.0)
+    step = child(s, prior=0.3)
+    wrong.value, right.value, step.value = 0.6, 0.1, 0.5
+    assert greedy_select(root, MCTSConfig()) == [root, s, right]
+    assert greedy_select(root, MCTSConfig(terminal_value="value_head")) == [root, s, wrong]
+    right.reward = wrong.reward = -1.0  # no good answer: the step V 0.5 wins, to be rolled out
+    assert greedy_select(root, MCTSConfig()) == [root, s, step]
 
 
 def test_tree_dict_is_json_and_config_errors_are_one_line():
@@ -388,18 +472,19 @@ def test_search_with_tiny_model_matches_teacher_forced_logprobs(tiny_sampler):
     from losses import token_logprobs
 
     sampler, policy, tokenizer = tiny_sampler, tiny_sampler.policy, tiny_sampler.tokenizer
-    cfg = MCTSConfig(workers=4, iterations=12, k=3, max_total_tokens=96)
+    cfg = MCTSConfig(workers=4, iterations=3, k=3, max_total_tokens=96)
     problems = countdown.make_splits(seed=0, n_train=0, n_test=2)[1]
     for problem, res in zip(problems, search(problems, sampler, cfg)):
         assert 0 < len(res.tokens) == len(res.logprobs) <= cfg.max_total_tokens
         assert res.text == tokenizer.decode(res.tokens, skip_special_tokens=True)
         assert res.reward == countdown.dense_reward(res.text, problem)
-        assert res.root.N + res.stats["collisions"] == cfg.iterations
+        assert res.root.N == cfg.workers * cfg.iterations
         ids = torch.tensor([res.prompt_ids + res.tokens])
         with torch.no_grad():
             logits, values = policy(ids)
         p = len(res.prompt_ids)
         ref = token_logprobs(logits[:, p - 1:-1], ids[:, p:])[0]
         assert torch.allclose(torch.tensor(res.logprobs), ref, atol=1e-4)
-        for index, v in res.step_values:
-            assert abs(v - values[0, p + index].item()) < 1e-4
+        for node in res.path[1:]:
+            if node.value is not None:  # V(s) at the step's last token
+                assert abs(node.value - values[0, p + node.length - 1].item()) < 1e-4

@@ -238,3 +238,46 @@ def test_runs_of_one_method_with_different_settings_are_separate_lines(tmp_path)
     _, sparse = line(by_step, "treerl (tree_reward=sparse)")
     np.testing.assert_allclose(sparse, [0.1, 0.12, 0.14])
     assert "treerl (tree_reward=sparse)" in plots.results_table(runs)
+
+
+def test_search_figure_draws_the_gain_and_the_per_batch_search_metrics(tmp_path):
+    rows = []
+    for step in range(4):
+        row = {"step": step, "search_depth": 3.0 + step, "search_from_rollout": 1.0 - step / 4}
+        if step % 2 == 0:
+            row["eval_search_gain"] = 0.1 * step
+        rows.append(row)
+    write_run(tmp_path / "m0", "mcts", 0, rows)
+    write_run(tmp_path / "c0", "cispo", 0, [{"step": 1, "eval_mean_at_16": 0.1}])
+    runs = [plots.load_run(tmp_path / "m0"), plots.load_run(tmp_path / "c0")]
+    assert plots.has_metric(runs, "eval_search_gain")
+    assert not plots.has_metric(runs[1:], "eval_search_gain")
+    fig = plots.search_figure(runs, smooth=2)
+    gain, depth, rollout = fig.axes
+    x, y = line(gain, "mcts")
+    np.testing.assert_allclose(x, [0, 2]) and np.testing.assert_allclose(y, [0.0, 0.2])
+    assert [ln.get_label() for ln in gain.get_lines() if not ln.get_label().startswith("_")] \
+        == ["mcts"]  # cispo logs no search
+    _, y = line(depth, "mcts")
+    np.testing.assert_allclose(y, [3.0, 3.5, 4.5, 5.5])  # trailing mean of 2
+    _, y = line(rollout, "mcts")
+    np.testing.assert_allclose(y, [1.0, 0.875, 0.625, 0.375])
+
+
+def test_stability_figure_puts_the_guards_next_to_mean_at_16(tmp_path):
+    rows = [{"step": s, "kl": 0.01 * s, "entropy": 1.0 - 0.1 * s, "train_format_rate": 1.0,
+             "advantage_std": 0.5, "completion_len": 30 + s, "value_start": 0.1 * s,
+             **({"eval_mean_at_16": 0.05 + 0.01 * s, "eval_format_rate": 0.98} if s % 2 == 0
+                else {})} for s in range(5)]
+    write_run(tmp_path / "m0", "mcts", 0, rows)
+    fig = plots.stability_figure([plots.load_run(tmp_path / "m0")], smooth=1)
+    axes = fig.axes
+    assert len(axes) == 8
+    x, y = line(axes[0], "mcts")
+    np.testing.assert_allclose(x, [0, 2, 4]) and np.testing.assert_allclose(y, [0.05, 0.07, 0.09])
+    labels = [ax.get_ylabel() for ax in axes]
+    assert labels[1:4] == ["eval format rate", "kl", "entropy"]
+    _, y = line(axes[2], "mcts")
+    np.testing.assert_allclose(y, [0.0, 0.01, 0.02, 0.03, 0.04])
+    _, y = line(axes[7], "mcts")
+    np.testing.assert_allclose(y, [0.0, 0.1, 0.2, 0.3, 0.4])

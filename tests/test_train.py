@@ -2,6 +2,7 @@
 (generators -> queue -> DDP trainer -> weight sync) on the test-size tiny model."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -92,12 +93,8 @@ def check_run(run_dir: Path, model: str, steps: int, method: str,
 
 
 def test_collate_aligns_completion_tokens_by_hand():
-    a = {"prompt_ids": torch.tensor([5, 6, 7]), "tokens": torch.tensor([8, 9]),
-         "old_logprobs": torch.tensor([-0.5, -1.5]), "reward": torch.tensor(1.0),
-         "advantages": torch.tensor([-7.0, -8.0]), "version": torch.tensor(3)}
-    b = {"prompt_ids": torch.tensor([5]), "tokens": torch.tensor([4, 3, 2]),
-         "old_logprobs": torch.tensor([-1.0, -2.0, -3.0]), "reward": torch.tensor(-1.0),
-         "advantages": torch.tensor([0.25, 0.5, 0.75]), "version": torch.tensor(4)}
+    a = train.trajectory([5, 6, 7], [8, 9], [-0.5, -1.5], 1.0, [-7.0, -8.0], 3)
+    b = train.trajectory([5], [4, 3, 2], [-1.0, -2.0, -3.0], -1.0, [0.25, 0.5, 0.75], 4)
     out = train.collate([a, b], pad_id=0)
     assert out["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 4, 3, 2, 0]]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
@@ -107,19 +104,68 @@ def test_collate_aligns_completion_tokens_by_hand():
     assert out["versions"].tolist() == [3, 4] and out["rewards"].tolist() == [1.0, -1.0]
     # advantages sit on the same positions as the mask, 0 on prompt and padding
     assert out["advantages"].tolist() == [[0, 0, -7, -8], [0.25, 0.5, 0.75, 0]]
+    assert out["value_mask"].tolist() == out["mask"].tolist()
+    assert out["policy_rows"].tolist() == [True, True]
 
 
 def test_advantages_by_method_by_hand():
     batch = {"rewards": torch.tensor([1.0, -1.0]), "mask": torch.tensor([[0, 1, 1], [1, 1, 0.0]]),
              "advantages": torch.tensor([[0, 2.0, 3.0], [4.0, 5.0, 0]])}
     values = torch.tensor([[9.0, 0.5, -0.25], [0.0, -0.5, 9.0]], requires_grad=True)
-    # MCTS / BoN: r - sg(V(s_t)) on the completion tokens, whatever the generator sent
-    for method in ("mcts", "bon"):
-        adv = train.advantages(method, batch, values)
+    # MCTS (the blog's value baseline) / BoN: r - sg(V(s_t)) on the completion tokens, whatever
+    # the generator sent
+    for args in (train.Args(method="mcts"), train.Args(method="bon")):
+        adv = train.advantages(args, batch, values)
         assert adv.tolist() == [[0, 0.5, 1.25], [-1, -0.5, 0]] and not adv.requires_grad
     # the others: the generator's advantages, masked
-    for method in ("cispo", "treepo", "treerl", "sft"):
-        assert train.advantages(method, batch, values).tolist() == [[0, 2, 3], [4, 5, 0]]
+    for args in [train.Args(method="mcts", mcts_baseline="tree"),
+                 *(train.Args(method=m) for m in ("cispo", "treepo", "treerl", "sft"))]:
+        assert train.advantages(args, batch, values).tolist() == [[0, 2, 3], [4, 5, 0]]
+
+
+def test_collate_puts_value_paths_in_the_value_mask_only():
+    a = train.trajectory([5, 6], [8, 9], [-0.5, -1.5], 1.0, 0.5, 3, info={"search_depth": 2},
+                         value_paths=[([7], -0.25), ([4, 3, 2], 0.0)])
+    b = train.trajectory([5], [4], [-1.0], -1.0, 0.0, 4, info={"search_depth": 4})
+    out = train.collate([a, b], pad_id=0)
+    # rows: a, b, then a's value paths 5 6 | 7 and 5 6 | 4 3 2
+    assert out["input_ids"].tolist() == [[5, 6, 8, 9, 0], [5, 4, 0, 0, 0], [5, 6, 7, 0, 0],
+                                         [5, 6, 4, 3, 2]]
+    assert out["mask"].tolist() == [[0, 1, 1, 0], [1, 0, 0, 0], [0] * 4, [0] * 4]
+    assert out["value_mask"].tolist() == [[0, 1, 1, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 1]]
+    assert out["rewards"].tolist() == [1.0, -1.0, -0.25, 0.0]
+    assert out["policy_rows"].tolist() == [True, True, False, False]
+    assert out["advantages"][2:].abs().sum() == 0 and out["old_logprobs"][2:].abs().sum() == 0
+    assert out["versions"].tolist() == [3, 4, 3, 3]
+    assert train.batch_info([a, b]) == {"search_depth": 3.0}
+
+
+def test_mcts_producer_tree_baseline_value_paths_and_search_metrics():
+    from test_mcts import ANSWER, PROBLEM, A, B, ScriptedSampler, hand_script
+
+    wrong = "<answer>1+2+3*4</answer>"  # 15 for 10: dense reward 1 - 2 * 5/10 = 0
+
+    def script(done, stop):
+        if done == A and stop != ("</answer>",):
+            return [(ANSWER, -0.2, "answer", 0.8), (wrong, -1.2, "answer", 0.1)]
+        return hand_script(done, stop)
+    # workers 1, M 4 (by hand as in test_mcts): root, A expanded, then ANSWER (prior 0.73,
+    # reward 1.0) selected twice; greedy: A -> ANSWER. The tree's answers: ANSWER and wrong.
+    args = train.Args(mcts_workers=1, mcts_iterations=4, mcts_k=2, max_new_tokens=256,
+                      max_step_tokens=64, mcts_baseline="tree", mcts_value_targets="tree")
+    sampler = ScriptedSampler(script)
+    [t] = train.mcts_trajectories([PROBLEM], sampler, args, version=7)
+    assert bytes(t["tokens"].tolist()).decode() == A + ANSWER and t["reward"].item() == 1.0
+    assert t["advantages"].tolist() == [0.5] * len(A + ANSWER)  # 1.0 - mean(1.0, 0.0)
+    [(tokens, reward)] = t["value_paths"]
+    assert bytes(tokens.tolist()).decode() == A + wrong and reward == 0.0
+    assert t["info"] == {"search_depth": 2, "search_from_rollout": 0,
+                         "search_terminal_backups": 2,
+                         "search_tree_tokens": len(A) + len(B) + len(ANSWER) + len(wrong)}
+    # the blog's defaults: advantage left to the trainer (r - V), no value paths
+    [t] = train.mcts_trajectories([PROBLEM], ScriptedSampler(script),
+                                  train.Args(mcts_workers=1, mcts_iterations=4, mcts_k=2), 7)
+    assert not t["advantages"].any() and t["value_paths"] == []
 
 
 def test_work_items_are_disjoint_and_deterministic():
@@ -185,6 +231,8 @@ def test_blog_preset_dry_run_prints_config_without_starting(tmp_path, capsys):
     config = json.loads(capsys.readouterr().out)
     assert config["n_generators"] == 6 and config["n_trainers"] == 2
     assert config["mcts_iterations"] == 100 and config["preset"] == "blog"
+    assert (config["eval_temperature"], config["lr_schedule"], config["loss_agg"]) == (
+        0.2, "linear", "sequence")
     assert not out.exists()
 
 
@@ -257,7 +305,17 @@ def test_mcts_end_to_end(tiny_test_model, tmp_path):
     r = run_train(*small_flags(str(tiny_test_model), out, steps=3))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "mean@2 on 2 test problems" in r.stdout
-    check_run(out, str(tiny_test_model), 3, "mcts")
+    rows = check_run(out, str(tiny_test_model), 3, "mcts")
+    for row in rows:  # the search measures itself: per batch, and against samples at each eval
+        if "train_reward" in row:
+            assert 1 <= row["search_depth"] and 0 <= row["search_from_rollout"] <= 1
+            assert row["search_terminal_backups"] >= 0 and row["search_tree_tokens"] > 0
+            assert row["entropy"] > 0 and row["completion_len"] >= 1
+            assert 0 <= row["train_format_rate"] <= 1
+        if "eval_mean_at_2" in row:
+            assert row["eval_search_gain"] == pytest.approx(
+                row["eval_search_reward"] - row["eval_sample_reward"])
+            assert 0 <= row["eval_search_success"] <= 1
 
 
 @pytest.mark.slow
@@ -389,3 +447,33 @@ def test_nan_loss_stops_the_run(tiny_test_model, tmp_path):
                   "--lr", "1e30", "--sync-every", "1000")
     assert r.returncode == 1
     assert "trainer-0 failed" in r.stderr and "non-finite loss" in r.stderr
+
+
+def test_learning_rate_schedules_by_hand():
+    constant = train.Args(lr=1e-4, steps=10)
+    linear = train.Args(lr=1e-4, steps=10, lr_schedule="linear")
+    assert [train.lr_at(s, constant) for s in (0, 5, 9)] == [1e-4] * 3
+    assert [train.lr_at(s, linear) for s in (0, 5, 9, 12)] == pytest.approx([1e-4, 5e-5, 1e-5, 0])
+
+
+def test_health_stats_by_hand():
+    # 2 policy rows + 1 value row, vocabulary of 4. Row 0: uniform logits on its two completion
+    # positions (entropy log 4); row 1: one completion position with a certain token (entropy 0).
+    a = train.trajectory([1, 2], [3, 0], [-1.0, -2.0], 1.0, 0.5, 0,
+                         value_paths=[([2], -1.0)])
+    b = train.trajectory([1], [3], [-0.5], -1.0, -0.5, 0)
+    batch = train.collate([a, b], pad_id=0)  # rows a, b, a's value path; positions 0..2
+    logits = torch.zeros(3, 3, 4)
+    logits[1, 0] = torch.tensor([0.0, 0.0, 0.0, 1000.0])
+    logp = torch.tensor([[0.0, -1.5, -2.0], [-0.25, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    values = torch.tensor([[9.0, 0.2, 0.4], [0.6, 9.0, 9.0], [9.0, -0.8, 9.0]])
+    adv = batch["mask"] * torch.tensor([[0.5], [-0.5], [0.0]])
+    h = train.health_stats(logits, logp, values, adv, batch)
+    assert h["entropy"] == pytest.approx(2 * math.log(4) / 3)  # 3 policy tokens
+    assert h["advantage_std"] == pytest.approx(torch.tensor([0.5, 0.5, -0.5]).std().item())
+    assert h["value_mean"] == pytest.approx((0.2 + 0.4 + 0.6) / 3)
+    assert h["value_start"] == pytest.approx((0.2 + 0.6) / 2)  # V at each first completion state
+    assert h["reward_std"] == pytest.approx(torch.tensor([1.0, -1.0]).std().item())
+    assert h["completion_len"] == 1.5
+    # |logp - old|: row 0 |-1.5 + 1| and |-2 + 2|, row 1 |-0.25 + 0.5|
+    assert h["logp_gap"] == pytest.approx((0.5 + 0.0 + 0.25) / 3)
