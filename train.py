@@ -95,7 +95,7 @@ class Args:
     or sparse (0/1, both papers' verifier reward: a malformed answer scores like a wrong one)"""
     mcts_workers: int = 16
     """parallel MCTS agents sharing one tree with virtual loss (blog: 16)"""
-    mcts_iterations: int = 8
+    mcts_iterations: int = 12
     """MCTS iterations per worker, M (blog: 100): a tree gets mcts_workers x M selections in M
     batched rounds, and an answer at depth d needs M >= d + 1 rounds (mcts.py)"""
     mcts_k: int = 4

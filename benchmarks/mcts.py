@@ -4,7 +4,7 @@ Ratios from one run on the tiny model (targets: <= 10% of the wall time outside 
 calls; >= 30% of forward tokens saved by encoding each leaf's context once for its K samples;
 the sampler also encodes the prefix that a round's contexts of one tree share only once).
 
-    python benchmarks/mcts.py [--model tiny] [--problems 4] [--iterations 8]
+    python benchmarks/mcts.py [--model tiny] [--problems 4] [--iterations 12]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class Args:
 
     model: str = "tiny"  # "tiny" (built and cached on first use) or a local dir
     problems: int = 4  # trees searched together in the same batched sampler calls
-    iterations: int = 8  # M per worker (blog: 100; train.py's CPU default)
+    iterations: int = 12  # M per worker (blog: 100; train.py's CPU default)
     workers: int = 16  # parallel workers per tree
     virtual_value: float = 0.0  # MCTSConfig.virtual_value (0: blog; -1: classic virtual loss)
     threads: int = 2  # torch threads (the CPU box has 2 cores)
