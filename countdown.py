@@ -11,6 +11,16 @@ Training uses the blog's *dense reward* 1 - 2*min(|t - p| / t, 1) (the -1 floor 
 format is wrong), evaluation the *sparse reward* 0/1 "so we can intuit the scores" (mean@16).
 Model output is never `eval`ed: the answer is parsed with `ast` against a small whitelist and
 evaluated with exact `Fraction` arithmetic.
+
+Interpretation choices (the blog gives no more detail):
+- Targets are integers 1..100, each reachable with its four numbers; no (number multiset,
+  target) pair is shared between train (20,000) and test (820).
+- Well formatted: exactly one `<answer>...</answer>`, at the end, whose content parses (non-
+  negative integer literals, binary + - * /, parentheses; no unary minus) within length, depth
+  and literal bounds.
+- The dense reward is -1 unless the answer is well formatted AND uses exactly the given
+  numbers, each once, without dividing by zero: a policy cannot earn reward with other numbers.
+  The sparse reward is 1 only for such an answer that equals the target exactly.
 """
 
 from __future__ import annotations
@@ -18,14 +28,12 @@ from __future__ import annotations
 import ast
 import functools
 import itertools
-import json
 import operator
 import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 from typing import NamedTuple
 
 STEP_END = "</step>"
@@ -226,34 +234,6 @@ def make_splits(seed: int = 0, n_train: int = 20000,
             seen.add((tuple(sorted(nums)), target))
             problems.append(Problem(nums, target))
     return problems[n_test:], problems[:n_test]
-
-
-def save_jsonl(problems: list[Problem], path: str | Path) -> None:
-    """One {"nums": [...], "target": n} object per line, so users can bring their own set."""
-    with open(path, "w") as f:
-        for p in problems:
-            f.write(json.dumps({"nums": list(p.nums), "target": p.target}) + "\n")
-
-
-def load_jsonl(path: str | Path) -> list[Problem]:
-    """Problems from `save_jsonl`'s format; blank lines are skipped."""
-    problems = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                nums, target = obj["nums"], obj["target"]
-                ok = (isinstance(nums, list) and nums and type(target) is int and target >= 1
-                      and all(type(x) is int and x >= 1 for x in nums))
-            except (ValueError, KeyError, TypeError):
-                ok = False
-            if not ok:
-                raise ValueError(f'{path}:{lineno}: expected {{"nums": [positive ints], '
-                                 f'"target": positive int}}, got {line.strip()[:60]!r}')
-            problems.append(Problem(tuple(nums), target))
-    return problems
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,20 @@
 mean@16 (blog, "Results"): 16 generations per eval prompt, each graded with the sparse 0/1
 reward, averaged. The search harness answers the readers' question the blog leaves open: at the
 same number of generated tokens, does searching beat sampling more?
+
+Interpretation choices:
+- ci95 = 1.96 x sample std of the per-problem means / sqrt(problems): the samples of one
+  problem are correlated, so the problem is the unit. `--baseline` evaluates a second checkpoint
+  on the same problems with the same seed and reports the paired difference and its CI (much
+  tighter than two separate CIs: easy problems are easy for both).
+- A token budget T counts only the tokens the sampler returned. `none` = one sample capped at
+  T; `bon` = samples while the budget lasts, the answer chosen without ground truth (majority
+  vote over the answers' exact values, ties by the value head; `--bon-select value`); `mcts` =
+  search with the value head at terminal nodes and `max_tree_tokens = T`, so search + final
+  rollout never exceed T (the completion cap is T/2, at most --max-new-tokens).
+- `--checkpoint` takes a saved policy, a train.py run directory (its latest checkpoint), `tiny`
+  or a hub id; `--threads 1` when several evals share the cores (oversubscribed OpenMP threads
+  slowed two concurrent evals ~5x).
 """
 
 from __future__ import annotations
@@ -24,9 +38,9 @@ from countdown import (
     Problem,
     evaluate_expression,
     is_well_formatted,
-    make_prompt,
     make_splits,
     parse_answer,
+    prompt_ids,
     sparse_reward,
 )
 from mcts import MCTSConfig, search_tree_to_dict
@@ -34,11 +48,6 @@ from mcts import search as mcts_search
 
 SEARCH_METHODS = ("none", "bon", "mcts")
 BON_SELECT = ("vote", "value")
-
-
-def prompt_ids(problem: Problem, tokenizer) -> list[int]:
-    """The prompt as token ids; the chat template already holds the special tokens."""
-    return tokenizer(make_prompt(problem, tokenizer), add_special_tokens=False)["input_ids"]
 
 
 def ci95_half_width(per_problem: Sequence[float]) -> float:
@@ -285,10 +294,11 @@ def main(args: Args) -> dict:
         import torch
 
         torch.set_num_threads(args.threads)
-    from sampler import make_sampler  # model side imported here: the eval math above needs none
+    import tiny  # model side imported here: the eval math above needs none
+    from sampler import make_sampler
     from value_head import load_policy
 
-    policy, tokenizer = load_policy(args.checkpoint)
+    policy, tokenizer = load_policy(tiny.resolve_model(args.checkpoint))
     sampler = make_sampler(args.backend, policy, tokenizer, seed=args.seed)
     _, test = make_splits(args.data_seed)
     problems = test[:args.limit] if args.limit else test
@@ -307,7 +317,7 @@ def main(args: Args) -> dict:
         summary.update(evaluate(sampler, problems, n=args.n, temperature=args.temperature,
                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size))
         if args.baseline:
-            base_policy, base_tok = load_policy(args.baseline)
+            base_policy, base_tok = load_policy(tiny.resolve_model(args.baseline))
             base = evaluate(make_sampler(args.backend, base_policy, base_tok, seed=args.seed),
                             problems, n=args.n, temperature=args.temperature,
                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)

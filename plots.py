@@ -28,7 +28,7 @@ from matplotlib.figure import Figure
 
 from countdown import STEP_END
 
-EVAL_KEY, TRAIN_KEY = "eval_mean_at_16", "train_reward"
+EVAL_KEY, TRAIN_KEY = "eval_mean_at_n", "train_reward"  # load_run names train.py's eval_mean_at_{n}
 STEP, TOKENS = "step", "generated_tokens"
 MAX_FIG_WIDTH = 30.0  # inches: a 100-iteration tree has hundreds of leaves
 
@@ -59,13 +59,25 @@ def load_run(run_dir: str | Path) -> dict:
         raise SystemExit(f"{run_dir}: no metrics.jsonl (is this a run directory?)")
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     method = str(config.get("method", run_dir.name))
+    n = config.get("eval_n", 16)  # train.py logs mean@n as eval_mean_at_{n}
+    rows = read_jsonl(metrics_path)
+    for r in rows:
+        if f"eval_mean_at_{n}" in r:
+            r[EVAL_KEY] = r[f"eval_mean_at_{n}"]
     return {"method": method, "label": method, "seed": config.get("seed"), "config": config,
-            "name": run_dir.name, "rows": read_jsonl(metrics_path)}
+            "name": run_dir.name, "eval_n": n, "rows": rows}
+
+
+def mean_at(runs: list[dict]) -> str:
+    """'mean@16' when every run evaluated with the same n, else 'mean@n'."""
+    ns = {run.get("eval_n", 16) for run in runs}
+    return f"mean@{ns.pop()}" if len(ns) == 1 else "mean@n"
 
 
 # config keys that do not change what a run trains: seeds of one setting are averaged over them
-BOOKKEEPING = {"seed", "out", "resume", "dry_run", "checksums", "tensorboard", "checkpoint_every",
-               "eval_every", "eval_problems", "eval_n", "time_limit_min", "steps"}
+# (checksums and debug_fail_at: test hooks that configs of older runs still hold)
+BOOKKEEPING = {"seed", "out", "resume", "dry_run", "checkpoint_every", "eval_every",
+               "eval_problems", "eval_n", "time_limit_min", "steps", "checksums", "debug_fail_at"}
 
 
 def label_runs(runs: list[dict]) -> list[dict]:
@@ -148,8 +160,8 @@ def eval_figure(runs: list[dict]) -> Figure:
     fig, (by_step, by_tokens) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     plot_metric(by_step, runs, STEP, EVAL_KEY)
     plot_metric(by_tokens, runs, TOKENS, EVAL_KEY)
-    by_step.set_ylabel("eval mean@16")
-    fig.suptitle("Countdown mean@16 (test split), mean over seeds, band = min-max")
+    by_step.set_ylabel(f"eval {mean_at(runs)}")
+    fig.suptitle(f"Countdown {mean_at(runs)} (test split), mean over seeds, band = min-max")
     fig.tight_layout()
     return fig
 
@@ -227,9 +239,9 @@ def budget_figure(summary: dict) -> Figure:
 
 def results_table(runs: list[dict]) -> str:
     """The numbers beside the figures, as a markdown table: per run its steps, generated tokens,
-    eval mean@16 at the first and last eval (CI of the last), mean train reward over the first
+    eval mean@n at the first and last eval (CI of the last), mean train reward over the first
     and the last quarter of its steps, and the last logged KL."""
-    lines = [("| run | method | steps | generated tokens | mean@16 first -> last | "
+    lines = [(f"| run | method | steps | generated tokens | {mean_at(runs)} first -> last | "
               "train reward, first -> last quarter | KL |"),
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for run in runs:
@@ -338,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--smooth", type=int, default=25, help="train reward: mean of the last N steps")
     args = p.parse_args(argv)
     runs = label_runs([load_run(r) for r in args.runs])
-    print(save(eval_figure(runs), args.out / "eval_mean_at_16.png"))
+    print(save(eval_figure(runs), args.out / f"eval_{mean_at(runs).replace('@', '_at_')}.png"))
     print(save(train_figure(runs, args.smooth), args.out / "train_reward.png"))
     if has_metric(runs, "entropy"):
         print(save(stability_figure(runs, args.smooth), args.out / "stability.png"))

@@ -1,7 +1,18 @@
 """The embedded tiny default model: a character-level Qwen2 warm-started on solver traces.
 
 It plays the blog's "pre-RL instruct model" (Qwen-2.5-1.5B-Instruct, mean@16 = 3.1%): well
-formatted but weak, so RL has room to show learning. No hub, no download: built on this box.
+formatted but weak, so RL has room to show learning. No hub, no download: built on this box
+(`python tiny.py`, or the first `train.py --model tiny`; cached, ~6 min once).
+
+- ~1M parameters, Qwen2 architecture, so the loading and sampling code is the real model's.
+- Tokenizer: Qwen2's byte-level BPE without merges (one token per character); `</step>`,
+  `<answer>`, `</answer>` are single tokens.
+- Prompt: the chat template around a short message, `Use 4 3 13 3 to make 24.`
+  (countdown.make_prompt style "short", declared as `countdown_prompt` in the tokenizer's
+  config): the character-level model learns the format from the warm start, and the instruct
+  message was ~70% of every sequence it trained and sampled on. Real models get "instruct".
+- Warm start: 2000 supervised steps of 32 solver traces (deterministic per seed). Measured on
+  the 820 test problems: mean@16 4.95% +- 0.56, format rate 98%.
 """
 
 from __future__ import annotations
@@ -21,9 +32,7 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2Tokenizer
 
 import countdown
-from eval import evaluate
-from sampler import TorchSampler
-from value_head import PolicyWithValue, load_policy, seeded_value_head
+from value_head import PolicyWithValue, seeded_value_head
 
 CACHE_VERSION = "tiny-v3"  # bump when the recipe changes: ensure_tiny then builds a fresh copy
 
@@ -55,7 +64,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-SIZES = {  # ~1M params: anchors.md measured this size as the best per CPU-minute
+SIZES = {  # ~1M params: the size that learned most per CPU-minute in our measurements
     "default": {"hidden_size": 128, "num_hidden_layers": 4, "intermediate_size": 512,
                 "num_attention_heads": 4, "num_key_value_heads": 2},
     "test": {"hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 64,
@@ -201,22 +210,19 @@ def ensure_tiny(seed: int = 0, cache_dir: str | os.PathLike | None = None,
     return path
 
 
+def resolve_model(model: str) -> str:
+    """`--model tiny` -> the cached tiny model's directory (built on first use); anything else
+    unchanged. The entry scripts call this once and pass the path down."""
+    return str(ensure_tiny()) if model == "tiny" else model
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description="Build (if missing) the tiny default model and "
-                                 "print its mean@16 and format rate on the test split.")
+    ap = argparse.ArgumentParser(description="Build (if missing) the tiny default model and print "
+                                 "its directory; `python eval.py --checkpoint tiny` evaluates it.")
     ap.add_argument("--seed", type=int, default=0, help="model seed (init, data order, splits)")
-    ap.add_argument("--limit", type=int, default=None, help="evaluate the first N test problems")
     ap.add_argument("--rebuild", action="store_true", help="rebuild even if cached")
     args = ap.parse_args()
-
-    path = ensure_tiny(args.seed, rebuild=args.rebuild)
-    policy, tokenizer = load_policy(str(path))
-    _, test = countdown.make_splits(args.seed)
-    test = test[:args.limit]
-    r = evaluate(TorchSampler(policy, tokenizer, seed=args.seed), test, n=16, temperature=1.0)
-    print(f"{path}: mean@16 = {r['mean_at_n']:.4f} ± {r['ci95']:.4f}, "
-          f"format rate = {r['format_rate']:.4f}, mean length = {r['mean_len']:.1f} tokens "
-          f"({r['n_problems']} problems x 16 samples)")
+    print(ensure_tiny(args.seed, rebuild=args.rebuild))
 
 
 if __name__ == "__main__":

@@ -1,32 +1,28 @@
-"""Online distillation of tree search into the policy: the blog's "Training", "Infrastructure" and
-"Baselines" sections on torch.multiprocessing instead of Rust + gRPC + Redis.
+"""Online distillation of tree search into the policy: the blog's "Training" and "Baselines"
+sections, top to bottom: the flags (`Args`, `--preset blog`), the trajectory producers (one per
+method), `collate` and `train_step` (shared by all six methods), the generator and trainer
+loops, and `run`. The processes, queues, weight publishing, checkpoints and supervision (the
+blog's "Infrastructure", Rust + gRPC + Redis there) are in infrastructure.py.
 
 Process layout (spawn context):
   main        builds the model and data, owns the shared weights buffer, spawns the children,
               writes metrics.jsonl / events.jsonl, shows progress and stops everything on failure.
   generators  pull prompts (a fixed, per-generator slice of a seeded order of the train set),
-              produce trajectories (mcts: tree search + greedy selection; cispo: groups of
-              samples with group-relative advantages; bon: best of N by dense reward) and put
-              them on a queue of shared-memory tensors (the blog's Redis stream). Between work
-              items they load newer weights from the shared buffer (the blog's pub/sub).
-  trainers    DDP (gloo on CPU, nccl on GPU): pull batch_size / n_trainers trajectories, one
+              produce trajectories (`PRODUCERS`: mcts = tree search + greedy selection; cispo =
+              groups of samples with group-relative advantages; bon = best of N by dense
+              reward; treepo, treerl = tree rollouts with tree advantages; sft = the solver's
+              traces) and put them on a queue of shared-memory tensors (the blog's Redis
+              stream). Between work items they load newer weights (the blog's pub/sub).
+  trainers    DDP (gloo on CPU, nccl on GPU): pull batch / n_trainers trajectories, one
               forward for log-probs and V(s_t), one AdamW step on L_total; every sync_every
-              steps rank 0 publishes weights, evaluates mean@16 and writes checkpoints.
+              steps rank 0 publishes weights; it also evaluates mean@16 and writes checkpoints.
 """
 
 import copy
-import hashlib
 import json
 import math
-import os
-import queue
-import shutil
-import signal
-import socket
 import sys
-import threading
 import time
-import traceback
 from dataclasses import asdict, dataclass, replace
 from importlib.util import find_spec
 from pathlib import Path
@@ -34,19 +30,20 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import transformers
 import tyro
-from tqdm import tqdm
 
 import countdown
 import eval as evaluation
+import infrastructure as infra
 import losses
 import mcts
 import sampler as sampler_lib
+import tiny
 import treepo
 import treerl
-from value_head import PolicyWithValue, load_policy, resolve_checkpoint
+from infrastructure import Shared
+from value_head import PolicyWithValue, load_policy
 
 
 @dataclass
@@ -175,10 +172,6 @@ class Args:
     """seed of the data order, sampling and the trainers"""
     torch_threads: int = 1
     """torch threads per process (2-core box: 1 each)"""
-    checksums: bool = False
-    """hash the weights at every publish and every generator sync (events.jsonl; for tests, costs a pass over the weights)"""
-    debug_fail_at: int = -1
-    """debug: generator 0 raises after this many work items (tests of failure handling); -1 off"""
     dry_run: bool = False
     """print the resolved config and exit without starting anything"""
 
@@ -257,86 +250,21 @@ def check_args(args: Args) -> None:
         fail("--backend vllm needs the vllm package (pip install -r requirements-vllm.txt)")
 
 
-def device_for(index: int) -> torch.device:
-    """Generators take the first GPUs, trainers the next ones (wrapping around); CPU otherwise."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", index % torch.cuda.device_count())
-
-
-# ------------------------------------------------------------------------------------------------
-# Shared state: the weights buffer (blog: Redis pub/sub) and the trajectory queue (Redis stream)
-
-
-@dataclass
-class Shared:
-    weights: dict            # PolicyWithValue state dict in shared-memory CPU tensors
-    version: object          # mp.Value: optimizer step whose weights are in `weights`
-    lock: object             # guards `weights` during publish / load
-    traj_q: object           # generator -> trainer trajectories (dicts of shared-memory tensors)
-    log_q: object            # children -> main: metric rows and events
-    err_q: object            # children -> main: (process name, traceback text)
-    stop: object             # mp.Event: main asks the children to finish
-    data_pos: object         # mp.Array: next work item of each generator (checkpointed)
-    gen_tokens: object       # mp.Array: tokens sampled by each generator so far
-    gen_busy: object         # mp.Array: seconds each generator spent producing trajectories
-    gen_wait: object         # mp.Array: seconds each generator spent blocked on a full queue
-    gen_sync: object         # mp.Array: seconds each generator spent loading weights
-
-
-def share_weights(policy: PolicyWithValue) -> dict[str, torch.Tensor]:
-    """A CPU shared-memory copy of the state dict; tied tensors (embeddings/lm_head) stay one tensor."""
-    by_ptr, shared = {}, {}
-    for k, v in policy.state_dict().items():
-        if v.data_ptr() not in by_ptr:
-            by_ptr[v.data_ptr()] = v.detach().to("cpu", copy=True).share_memory_()
-        shared[k] = by_ptr[v.data_ptr()]
-    return shared
-
-
-def weights_checksum(state_dict: dict[str, torch.Tensor]) -> str:
-    """Order-independent exact fingerprint of a state dict, to check that a sync delivered the
-    trainer's weights bit for bit."""
-    h = hashlib.blake2b(digest_size=16)
-    for k in sorted(state_dict):
-        h.update(k.encode())
-        h.update(state_dict[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def publish_weights(sh: Shared, policy: PolicyWithValue, version: int) -> None:
-    """Rank 0 -> shared buffer, then bump the version the generators poll."""
-    with sh.lock:
-        for k, v in policy.state_dict().items():
-            sh.weights[k].copy_(v.detach())
-        sh.version.value = version
-
-
-def _put(q, item, stop) -> float:
-    """Blocking put that gives up when asked to stop; returns the seconds spent waiting."""
-    t0 = time.perf_counter()
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.5)
-            break
-        except queue.Full:
-            pass
-    return time.perf_counter() - t0
-
-
 # ------------------------------------------------------------------------------------------------
 # Generators: trajectories by method
 
 
-def trajectory(prompt_ids, tokens, logprobs, reward: float, advantage, version: int,
+def trajectory(prompt_ids, tokens, logprobs, reward: float,
+               advantage: float | list[float] | None, version: int,
                info: dict[str, float] | None = None,
                value_paths: list[tuple[list[int], float]] = ()) -> dict:
-    """One training item. `advantage` is one number for every token (CISPO, TreePO), a
-    per-token list (TreeRL's step advantages), or NaN meaning "use r - sg(V(s_t))" (MCTS, BoN).
+    """One training item. `advantage` is one number for every token (CISPO, TreePO, SFT, MCTS with
+    --mcts-baseline tree), a per-token list (TreeRL's step advantages), or None (MCTS, BoN): the
+    trainer computes theirs, r - sg(V(s_t)), from its own forward (`advantages`).
     `info`: numbers logged as batch means (the search's own metrics); `value_paths`: other
     completions of the same prompt with their rewards, trained by the value loss only."""
     if not isinstance(advantage, (list, tuple)):
-        advantage = [advantage] * len(tokens)
+        advantage = [0.0 if advantage is None else advantage] * len(tokens)
     return {
         "prompt_ids": torch.tensor(prompt_ids, dtype=torch.int64),
         "tokens": torch.tensor(tokens, dtype=torch.int64),
@@ -364,7 +292,7 @@ def mcts_trajectories(problems, sampler, args: Args, version: int) -> list[dict]
     trajs = []
     for r in mcts.search(problems, sampler, mcts_config(args)):
         answers = [n for n in mcts.terminals(r.root) if n is not r.path[-1]]
-        advantage = math.nan  # blog: r - sg(V(s_t)), computed by the trainer
+        advantage = None  # blog: r - sg(V(s_t)), computed by the trainer
         if args.mcts_baseline == "tree":  # r - mean reward of every answer the search produced
             advantage = r.reward - sum([r.reward] + [n.reward for n in answers]) / (1 + len(answers))
         value_paths = ([(mcts.path_tokens(n), n.reward) for n in answers]
@@ -379,7 +307,7 @@ def mcts_trajectories(problems, sampler, args: Args, version: int) -> list[dict]
 
 def cispo_trajectories(problems, sampler, args: Args, version: int) -> list[dict]:
     """CISPO baseline: group_size samples per prompt, advantage = reward - group mean."""
-    prompts = [evaluation.prompt_ids(p, sampler.tokenizer) for p in problems]
+    prompts = [countdown.prompt_ids(p, sampler.tokenizer) for p in problems]
     outs = sampler.generate(prompts, n=args.group_size, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, stop=(countdown.ANSWER_CLOSE,))
     rewards = torch.tensor([[countdown.dense_reward(c.text, p) for c in group]
@@ -391,7 +319,7 @@ def cispo_trajectories(problems, sampler, args: Args, version: int) -> list[dict
 
 def bon_trajectories(problems, sampler, args: Args, version: int) -> list[dict]:
     """Best-of-N baseline: the tree search replaced by the best of N samples by dense reward."""
-    prompts = [evaluation.prompt_ids(p, sampler.tokenizer) for p in problems]
+    prompts = [countdown.prompt_ids(p, sampler.tokenizer) for p in problems]
     outs = sampler.generate(prompts, n=args.bon_n, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, stop=(countdown.ANSWER_CLOSE,))
     trajs = []
@@ -399,7 +327,7 @@ def bon_trajectories(problems, sampler, args: Args, version: int) -> list[dict]:
         rewards = [countdown.dense_reward(c.text, p) for c in group]
         best = max(range(len(group)), key=rewards.__getitem__)
         trajs.append(trajectory(ids, group[best].tokens, group[best].logprobs, rewards[best],
-                                math.nan, version))
+                                None, version))
     return trajs
 
 
@@ -423,17 +351,17 @@ def treerl_trajectories(problems, sampler, args: Args, version: int) -> list[dic
 
 
 def sft_trajectories(problems, sampler, args: Args, version: int) -> list[dict]:
-    """The control of anchors.md ("Fair comparisons"): the warm start trained further on its own
-    data, the solver's step-format traces, through the same trainer step. Advantage 1 on every
-    token makes the CISPO term -sg(min(ratio, eps)) * log pi with ratio ~ 1 (old log-probs are
-    the policy's own, teacher-forced): supervised fine-tuning, KL and value loss included.
+    """The control for a fair comparison: the warm start trained further on its own data, the
+    solver's step-format traces, through the same trainer step. Advantage 1 on every token makes
+    the CISPO term -sg(min(ratio, eps)) * log pi with ratio ~ 1 (old log-probs are the policy's
+    own, teacher-forced): supervised fine-tuning, KL and value loss included.
     Nothing is sampled (generated_tokens stays 0). Without it, an RL gain may be just more SFT."""
     tok, policy = sampler.tokenizer, sampler.policy
     device = next(policy.parameters()).device
     trajs = []
     with torch.no_grad():
         for p in problems:
-            prompt, text = evaluation.prompt_ids(p, tok), countdown.solution_trace(p)
+            prompt, text = countdown.prompt_ids(p, tok), countdown.solution_trace(p)
             trace = tok(text, add_special_tokens=False)["input_ids"]
             ids = torch.tensor([prompt + trace], device=device)
             logits, _ = policy(ids)
@@ -457,41 +385,25 @@ def work_item(train: list, order: list[int], args: Args, g: int, pos: int) -> li
 
 def generator(args: Args, sh: Shared, g: int, train: list) -> None:
     """Generator loop: sync weights if newer, produce trajectories, queue them."""
-    device = device_for(g)
     policy, tokenizer = load_policy(args.model)
-    policy.to(device)
-    pos = sh.data_pos[g]
+    policy.to(infra.device_for(g))
+    pos = sh.data_pos[g]  # 0, or where the checkpoint we resume from left off
     smp = sampler_lib.make_sampler(args.backend, policy, tokenizer, seed=args.seed * 1000 + g + 7919 * pos)
     tokens_before = sh.gen_tokens[g]
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
     version = -1
     while not sh.stop.is_set():
         if sh.version.value != version:  # blog: generators pick up weights published by trainers
-            t0 = time.perf_counter()
-            with sh.lock:
-                version = sh.version.value
-                smp.load_weights(sh.weights)
-            dt = time.perf_counter() - t0
-            sh.gen_sync[g] += dt
-            event = {"event": "sync", "generator": g, "version": version, "seconds": round(dt, 4),
-                     "data_position": pos}
-            if args.checksums:
-                event["checksum"] = weights_checksum(policy.state_dict())
-            sh.log_q.put(event)
-        if pos == args.debug_fail_at and g == 0:
-            raise RuntimeError(f"debug_fail_at: generator {g} fails at work item {pos} on purpose")
+            version = infra.pull_weights(sh, g, smp, pos)
         t0 = time.perf_counter()
         trajs = PRODUCERS[args.method](work_item(train, order, args, g, pos), smp, args, version)
         pos += 1
-        sh.data_pos[g] = pos
-        sh.gen_tokens[g] = tokens_before + smp.tokens_generated
-        sh.gen_busy[g] += time.perf_counter() - t0
-        for t in trajs:
-            sh.gen_wait[g] += _put(sh.traj_q, t, sh.stop)
+        infra.queue_trajectories(sh, g, trajs, pos, tokens_before + smp.tokens_generated,
+                                 time.perf_counter() - t0)
 
 
 # ------------------------------------------------------------------------------------------------
-# Trainers: one shared training step for the three methods
+# Trainers: one shared training step for the six methods
 
 
 def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -561,6 +473,16 @@ def lr_at(step: int, args: Args) -> float:
     return args.lr * max(0.0, 1.0 - step / args.steps)
 
 
+def advantages(args: Args, batch: dict, values: torch.Tensor) -> torch.Tensor:
+    """Per-token advantages [B, T-1], by method. MCTS (--mcts-baseline value) and BoN: the blog's
+    A_t = r - sg(V_old(s_t)), V_old from the trainer's pre-step forward (one PPO inner step, so
+    the old model up to policy lag). The others bring theirs from the generator: group- (CISPO)
+    or tree-relative (TreePO, TreeRL, MCTS with --mcts-baseline tree), or 1 everywhere (SFT)."""
+    if args.method == "bon" or (args.method == "mcts" and args.mcts_baseline == "value"):
+        return losses.mcts_advantages(batch["rewards"], values, batch["mask"])
+    return batch["advantages"] * batch["mask"]
+
+
 def train_step(model, ref: PolicyWithValue | None, opt, batch: dict, args: Args) -> dict:
     """One forward for log pi and V(s_t), the blog's L_total, one AdamW step (single PPO inner step)."""
     ids, attn, mask = batch["input_ids"], batch["attention_mask"], batch["mask"]
@@ -571,11 +493,7 @@ def train_step(model, ref: PolicyWithValue | None, opt, batch: dict, args: Args)
     if ref is not None:
         with torch.no_grad():
             ref_logp = losses.token_logprobs(ref(ids, attention_mask=attn)[0][:, :-1], ids[:, 1:])
-    # A_t = r - sg(V_old(s_t)) for MCTS/BoN (V_old: this pre-step forward, NaN marks these tokens);
-    # CISPO / TreePO / TreeRL bring their own (group- or tree-relative) advantages
-    adv = batch["advantages"]
-    per_token = torch.where(torch.isnan(adv), losses.mcts_advantages(batch["rewards"], values, mask),
-                            torch.nan_to_num(adv) * mask)
+    per_token = advantages(args, batch, values)
     loss, stats = losses.total_loss(
         logp, batch["old_logprobs"], ref_logp, values, batch["rewards"], per_token, mask,
         c_ppo=args.c_ppo, c_value=args.c_value, c_kl=args.c_kl if ref is not None else 0.0,
@@ -591,55 +509,6 @@ def train_step(model, ref: PolicyWithValue | None, opt, batch: dict, args: Args)
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
     opt.step()
     return stats
-
-
-# ------------------------------------------------------------------------------------------------
-# Checkpoints: step-XXXXXX.tmp -> fsync -> rename -> `latest` pointer via os.replace
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")) + [path]:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def save_checkpoint(run_dir: Path, policy: PolicyWithValue, tokenizer, state: dict) -> Path:
-    """Atomic under kill -9: `latest` only ever names a fully written, renamed directory."""
-    ckpts = run_dir / "checkpoints"
-    ckpts.mkdir(parents=True, exist_ok=True)
-    name = f"step-{state['step']:06d}"
-    tmp = ckpts / f"{name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp, tokenizer)
-    torch.save(state, tmp / "trainer_state.pt")
-    _fsync_tree(tmp)
-    final = ckpts / name
-    shutil.rmtree(final, ignore_errors=True)  # a step saved twice (re-run after resume)
-    os.replace(tmp, final)
-    pointer = ckpts / f"latest.tmp-{os.getpid()}"
-    pointer.write_text(name + "\n")
-    _fsync_tree(pointer)
-    os.replace(pointer, ckpts / "latest")
-    _fsync_tree(ckpts)
-    for old in ckpts.iterdir():  # older steps and leftovers of killed writers
-        if old.name not in (name, "latest"):
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-    return final
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path:
-    """The directory `latest` points at, or a one-line error."""
-    pointer = Path(run_dir) / "checkpoints" / "latest"
-    if not pointer.is_file():
-        raise SystemExit(f"train.py: error: no checkpoint to resume from in {run_dir} (missing {pointer})")
-    return resolve_checkpoint(pointer)
-
-
-def load_trainer_state(ckpt: Path) -> dict:
-    return torch.load(ckpt / "trainer_state.pt", weights_only=True)
 
 
 def search_gain(sampler, problems: list, args: Args) -> dict[str, float]:
@@ -664,21 +533,20 @@ def search_gain(sampler, problems: list, args: Args) -> dict[str, float]:
 def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_start: float,
             test: list) -> None:
     """DDP trainer: rank 0 also publishes weights, evaluates, logs and checkpoints."""
-    device = device_for(args.n_generators + rank)
+    device = infra.device_for(args.n_generators + rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=args.n_trainers)
     policy, tokenizer = load_policy(args.model)
     # frozen reference for the KL term: the model the run started from (args.model), even on resume
     ref = copy.deepcopy(policy).requires_grad_(False).to(device) if args.c_kl else None
-    with sh.lock:
-        policy.load_state_dict(sh.weights)
+    infra.load_shared_weights(sh, policy)
     policy.to(device)
     model = torch.nn.parallel.DistributedDataParallel(policy)
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     step, wall0 = 0, 0.0
     if resume_ckpt:
-        state = load_trainer_state(Path(resume_ckpt))
+        state = infra.load_trainer_state(Path(resume_ckpt))
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         step, wall0 = state["step"], state["wall_time"]
@@ -704,13 +572,9 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
                               **evaluate()}})
     last, kl_warned = False, False
     while not last:
-        batch = []
-        while len(batch) < per_rank:  # timeouts keep us responsive to stop requests
-            try:
-                batch.append(sh.traj_q.get(timeout=1.0))
-            except queue.Empty:
-                if sh.stop.is_set():
-                    return
+        batch = infra.next_batch(sh, per_rank)
+        if batch is None:  # main asked us to stop
+            return
         data = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
         info = batch_info(batch)
         texts = [tokenizer.decode(b["tokens"], skip_special_tokens=True) for b in batch]
@@ -722,146 +586,45 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
             group["lr"] = lr_at(step, args)
         stats = train_step(model, ref, opt, data, args)
         lag = (step - data["versions"][data["policy_rows"]]).float()  # trainer - generating version
-        time_up = rank == 0 and 0 < args.time_limit_min * 60 <= time.time() - t_start
         logged = {"train_reward": data["rewards"][data["policy_rows"]].mean().item(),
                   "train_format_rate": sum(formatted) / len(formatted),
                   **{k: stats[k] for k in ("policy_loss", "value_loss", "kl")},
                   "policy_lag": lag.mean().item(), "policy_lag_max": lag.max().item(),
                   **{k: stats[k] for k in ("clip_frac", "grad_norm", *HEALTH)}, **info}
-        local = torch.tensor([*logged.values(), float(time_up)], device=device)
-        dist.all_reduce(local)  # global-batch means for logging; rank 0's time_up reaches all ranks
+        local = torch.tensor(list(logged.values()), device=device)
+        dist.all_reduce(local)  # global-batch means for logging
         local /= args.n_trainers
         step += 1
-        last = step == args.steps or local[-1].item() > 0
+        # rank 0's clock decides the time limit, for every rank
+        time_up = infra.any_rank(rank == 0 and 0 < args.time_limit_min * 60 <= time.time() - t_start,
+                                 device)
+        last = step == args.steps or time_up
         if rank != 0:
             continue
         if step % args.sync_every == 0:
-            publish_weights(sh, policy, step)
-            event = {"event": "publish", "version": step}
-            if args.checksums:
-                event["checksum"] = weights_checksum(policy.state_dict())
-            sh.log_q.put(event)
-        busy, waited, synced = (sum(a[:]) for a in (sh.gen_busy, sh.gen_wait, sh.gen_sync))
-        row = dict(zip(logged, local[:-1].tolist()))
+            infra.publish_weights(sh, policy, step)
+        row = dict(zip(logged, local.tolist()))
         if args.kl_warn and row["kl"] > args.kl_warn and not kl_warned:  # once per run
             kl_warned = True
             message = (f"KL to the start model {row['kl']:.3f} > --kl-warn {args.kl_warn} at step "
                        f"{step}: the policy is drifting (lower --lr / --max-grad-norm?)")
             print(f"train.py: warning: {message}", file=sys.stderr, flush=True)
             sh.log_q.put({"event": "warning", "step": step, "message": message})
-        row.update(step=step, wall_time=wall(), generated_tokens=sum(sh.gen_tokens[:]),
-                   lr=opt.param_groups[0]["lr"], version=sh.version.value,
-                   gen_busy_frac=busy / max(busy + waited + synced, 1e-9),
-                   gen_busy_s=busy, gen_wait_s=waited, gen_sync_s=synced)
+        row.update(step=step, wall_time=wall(), lr=opt.param_groups[0]["lr"],
+                   **infra.generator_stats(sh))
         if last or (args.eval_every and step % args.eval_every == 0):
             row.update(evaluate())
         sh.log_q.put({"row": row})
         if last or step % args.checkpoint_every == 0:
-            state = {"step": step, "optimizer": opt.state_dict(), "wall_time": wall(),
-                     "rng": {"torch": torch.get_rng_state()}, "data_position": list(sh.data_pos[:]),
-                     "generated_tokens": list(sh.gen_tokens[:]), "n_generators": args.n_generators}
-            path = save_checkpoint(Path(args.out), policy, tokenizer, state)
-            sh.log_q.put({"event": "checkpoint", "step": step, "path": str(path),
-                          "data_position": state["data_position"]})
+            infra.checkpoint(sh, Path(args.out), policy, tokenizer, {
+                "step": step, "optimizer": opt.state_dict(), "wall_time": wall(),
+                "rng": {"torch": torch.get_rng_state()}, "n_generators": args.n_generators})
     if rank == 0:
         sh.log_q.put({"done": step})
 
 
-# ------------------------------------------------------------------------------------------------
-# Main: spawn, supervise, log
-
-
-def _exit_with_parent(parent: int) -> None:
-    """A child whose main process vanished (kill -9) exits instead of running on as an orphan."""
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(1)
-
-
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM stops a run like Ctrl-C: children stopped, exit 130
-
-
-def _child(name: str, fn, args: Args, sh: Shared, *rest) -> None:
-    """Child entry point: its torch thread budget, no SIGINT (main stops us), errors -> main."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
-    torch.set_num_threads(args.torch_threads)
-    transformers.utils.logging.disable_progress_bar()
-    sh.log_q.put({"event": "start", "process": name, "pid": os.getpid()})
-    try:
-        fn(args, sh, *rest)
-    except BaseException:  # noqa: BLE001 (any failure, even SystemExit, must reach main)
-        sh.err_q.put((name, traceback.format_exc()))
-        sh.err_q.close()
-        sh.err_q.join_thread()  # the report is in the pipe before we go
-        # no interpreter teardown: native threads (torch, tokenizers) can abort it with SIGABRT
-        # ("terminate called without an active exception"), which would hide the report
-        os._exit(1)
-    finally:
-        sh.traj_q.cancel_join_thread()  # never block exit on trajectories nobody will read
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _failure(procs: dict, sh: Shared, reports: dict[str, str]) -> str | None:
-    """The root cause of a failed run: a child killed by a signal (whose peers then fail on its
-    missing shared tensors) unless it reported a traceback before dying, else the first reported
-    traceback, else a silent non-zero exit. `reports` collects the tracebacks across calls."""
-    while True:
-        try:
-            name, tb = sh.err_q.get_nowait()
-        except queue.Empty:
-            break
-        reports.setdefault(name, tb)
-    for name, p in procs.items():
-        if p.exitcode is not None and p.exitcode < 0:
-            if name in reports:
-                return f"{name} failed:\n{reports[name].rstrip()}"
-            return f"{name} died (killed by {signal.Signals(-p.exitcode).name})"
-    if reports:
-        name, tb = next(iter(reports.items()))
-        return f"{name} failed:\n{tb.rstrip()}"
-    for name, p in procs.items():
-        if p.exitcode is None or (p.exitcode == 0 and name.startswith("trainer")):
-            continue
-        try:  # it may have reported just before exiting
-            name, tb = sh.err_q.get(timeout=2.0)
-            return f"{name} failed:\n{tb.rstrip()}"
-        except queue.Empty:
-            return f"{name} exited early (exit code {p.exitcode})"
-    return None
-
-
-def _stop(procs: dict, sh: Shared, grace: float) -> None:
-    """Ask nicely, then SIGTERM, then SIGKILL: bounded, so main never hangs on a stuck child."""
-    sh.stop.set()
-    deadline = time.time() + grace
-    for p in procs.values():
-        p.join(timeout=max(0.0, deadline - time.time()))
-    for p in procs.values():
-        if p.is_alive():
-            p.terminate()
-    for p in procs.values():
-        p.join(timeout=3.0)
-        if p.is_alive():
-            p.kill()
-            p.join()
-
-
-def _jsonl_keep(path: Path, max_step: int) -> None:
-    """On resume, drop rows logged after the checkpoint we continue from (they will be redone)."""
-    if path.is_file():
-        rows = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= max_step]
-        path.write_text("".join(r + "\n" for r in rows))
-
-
 def run(args: Args) -> int:
+    """Check the flags, build the shared state, start generators and trainers, supervise them."""
     check_args(args)
     if args.resume:
         args = replace(args, out=args.resume)
@@ -872,10 +635,11 @@ def run(args: Args) -> int:
         return 0
     transformers.utils.logging.disable_progress_bar()
     out = Path(args.out)
-    state, resume_ckpt = None, ""
+    model = tiny.resolve_model(args.model)  # --model tiny: built on first use (minutes, once)
+    state, resume_ckpt, G = None, "", args.n_generators
     if args.resume:
-        ckpt = latest_checkpoint(out)
-        state, resume_ckpt = load_trainer_state(ckpt), str(ckpt)
+        ckpt = infra.latest_checkpoint(out)
+        state, resume_ckpt = infra.load_trainer_state(ckpt), str(ckpt)
         saved = json.loads((out / "config.json").read_text())
         for key in ("method", "model", "n_generators"):
             if saved[key] != getattr(args, key):
@@ -884,105 +648,31 @@ def run(args: Args) -> int:
         if state["step"] >= args.steps:
             raise SystemExit(f"train.py: error: {out} is already at step {state['step']} >= --steps {args.steps}")
         policy = PolicyWithValue.from_pretrained(ckpt)
-        _jsonl_keep(out / "metrics.jsonl", state["step"])
+        infra.keep_rows_until(out / "metrics.jsonl", state["step"])
     else:
         if (out / "checkpoints" / "latest").exists():
             raise SystemExit(f"train.py: error: {out} already holds a run; pass --resume {out} or another --out")
-        policy, _ = load_policy(args.model)
+        policy, _ = load_policy(model)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+    args = replace(args, model=model)  # config.json keeps "tiny"; the children load the directory
     start_step = state["step"] if state else 0
-
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    ctx = mp.get_context("spawn")
-    G = args.n_generators
-    sh = Shared(
-        weights=share_weights(policy), version=ctx.Value("q", start_step), lock=ctx.Lock(),
-        traj_q=ctx.Queue(maxsize=2 * traj_per_step(args)), log_q=ctx.Queue(), err_q=ctx.Queue(),
-        stop=ctx.Event(),
-        data_pos=ctx.Array("q", state["data_position"] if state else [0] * G),
-        gen_tokens=ctx.Array("q", state["generated_tokens"] if state else [0] * G),
-        gen_busy=ctx.Array("d", G), gen_wait=ctx.Array("d", G), gen_sync=ctx.Array("d", G))
+    sh = infra.make_shared(policy, version=start_step, queue_size=2 * traj_per_step(args),
+                           data_position=state["data_position"] if state else [0] * G,
+                           generated_tokens=state["generated_tokens"] if state else [0] * G)
     del policy
     train, test = countdown.make_splits()  # fixed dataset; --seed changes order and sampling
-    port, t_start = _free_port(), time.time()
-    procs = {f"generator-{g}": ctx.Process(
-        target=_child, args=(f"generator-{g}", generator, args, sh, g, train)) for g in range(G)}
-    procs.update({f"trainer-{r}": ctx.Process(
-        target=_child, args=(f"trainer-{r}", trainer, args, sh, r, port, resume_ckpt, t_start,
-                             test[:args.eval_problems])) for r in range(args.n_trainers)})
-    for p in procs.values():
-        p.start()
-
-    try:
-        from torch.utils.tensorboard import SummaryWriter  # optional: only if installed
-        writer = SummaryWriter(str(out / "tb"))
-    except ImportError:
-        writer = None
-    eval_key = f"eval_mean_at_{args.eval_n}"
-    # the bar follows whichever limit is set: minutes under --time-limit-min (the default), else steps
-    by_time = args.time_limit_min > 0
-    bar = tqdm(total=round(args.time_limit_min * 60) if by_time else args.steps,
-               initial=0 if by_time else start_step, desc=f"{args.method} training",
-               unit="s" if by_time else "step",
-               bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} " + ("s" if by_time else "steps")
-               + " {postfix}")
-    metrics, events = open(out / "metrics.jsonl", "a"), open(out / "events.jsonl", "a")  # noqa: SIM115
-    done = False
-    reports: dict[str, str] = {}  # child name -> traceback it reported
-    try:
-        while True:
-            try:
-                msg = sh.log_q.get(timeout=0.5)
-            except queue.Empty:
-                msg = None
-            done = msg is not None and "done" in msg
-            if done:
-                break
-            if msg is not None and "row" in msg:
-                row = msg["row"]
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-                if writer is not None:
-                    for k, v in row.items():
-                        if k != "step":
-                            writer.add_scalar(k, v, row["step"])
-                if eval_key in row:
-                    tqdm.write(f"step {row['step']}: mean@{args.eval_n} {row[eval_key]:.2%} "
-                               f"± {row['eval_ci95']:.2%}, format {row['eval_format_rate']:.1%}")
-                if "train_reward" in row:
-                    done_now = min(time.time() - t_start, bar.total) if by_time else row["step"]
-                    bar.update(round(done_now) - bar.n)
-                    bar.set_postfix(step=row["step"], reward=f"{row['train_reward']:.3f}",
-                                    lag=f"{row['policy_lag']:.1f}", busy=f"{row['gen_busy_frac']:.0%}")
-            elif msg is not None:
-                events.write(json.dumps({"wall_time": time.time() - t_start, **msg}) + "\n")
-                events.flush()
-            error = _failure(procs, sh, reports)
-            if error:
-                bar.close()
-                print(f"train.py: error: {error}", file=sys.stderr)
-                return 1
-    except KeyboardInterrupt:
-        bar.close()
-        print("train.py: interrupted, stopping children", file=sys.stderr)
-        return 130
-    finally:  # every exit path, including an error in main itself, stops the children
-        _stop(procs, sh, grace=5.0 if done else 1.0)
-        metrics.close()
-        events.close()
-        if writer is not None:
-            writer.close()
-    bar.close()
-    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-             if eval_key in r]
-    if len(evals) >= 2:
-        first, last = evals[0], evals[-1]
-        print(f"mean@{args.eval_n} on {args.eval_problems} test problems: step {first['step']} "
-              f"{first[eval_key]:.2%} ± {first['eval_ci95']:.2%} -> step {last['step']} "
-              f"{last[eval_key]:.2%} ± {last['eval_ci95']:.2%}")
-    print(f"run directory: {out}")
-    return 0
+    port, t_start = infra.free_port(), time.time()
+    children = {f"generator-{g}": (generator, (args, sh, g, train)) for g in range(G)}
+    children |= {f"trainer-{r}": (trainer, (args, sh, r, port, resume_ckpt, t_start,
+                                            test[:args.eval_problems]))
+                 for r in range(args.n_trainers)}
+    rc = infra.supervise(children, sh, out, t_start, threads=args.torch_threads,
+                         desc=f"{args.method} training", time_limit_s=args.time_limit_min * 60,
+                         steps=args.steps, start_step=start_step, eval_n=args.eval_n)
+    if rc == 0:
+        infra.print_summary(out, args.eval_n, args.eval_problems)
+    return rc
 
 
 if __name__ == "__main__":

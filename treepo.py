@@ -12,7 +12,7 @@ text and its public code (multimodal-art-projection/TreePO: recipe/treepo/vllm_r
 fallback; verl/trainer/ppo/core_algos.py, `compute_tree_reinforce_plus_plus_baseline_outcome_advantage`
 with adv_weight_strategy="average", the setting of run_treepo_train.sh).
 
-Interpretation choices (the README repeats them):
+Interpretation choices (the README links here):
 - Segments are fixed token counts (max_new_tokens=L, stop only on `</answer>`/EOS), so sibling
   paths stay token-aligned (the paper's section 4.2: misaligned fallback hurts). Round 1 forks
   the prompt b ways (the paper's "Fixed Init Divergence").
@@ -57,7 +57,6 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
 import countdown
-import eval as evaluation
 from countdown import ANSWER_CLOSE
 
 ENDED = ("answer", "eos")  # sampler finish reasons that end a path (see Completion.finish_reason)
@@ -175,7 +174,7 @@ def segment_tree_sampling(problems: Sequence[countdown.Problem], sampler, cfg: T
                           ) -> tuple[list[Tree], int]:
     """Grow one tree per problem, one sampler call per round for all of them -> (trees, calls)."""
     rng = random.Random(cfg.seed)
-    trees = [Tree(p, evaluation.prompt_ids(p, sampler.tokenizer)) for p in problems]
+    trees = [Tree(p, countdown.prompt_ids(p, sampler.tokenizer)) for p in problems]
     # pending: (tree, node to fork), one entry per branch; round 1 forks each prompt b ways
     pending = [(t, t.root) for t in trees for _ in range(min(cfg.branch, cfg.width))]
     calls = 0

@@ -9,7 +9,7 @@ V(s_n) - V(parent), re-weighted by the leaves sharing the step. Each root-to-lea
 training sequence whose tokens carry their step's reward.
 
 Interpretation choices (read from the paper's code, github.com/THUDM/TreeRL,
-`entropy_chain_local_manager.py` and `tree_node.py`; the README repeats them):
+`entropy_chain_local_manager.py` and `tree_node.py`; the README links here):
 - Forking: a branch re-samples the forking token itself. Its prompt is the prefix BEFORE the
   forking token (code: `get_prefix_ids(split_idx)` = tokens[:split_idx]), so the forking point
   ends a step and the original token and the T new ones are siblings.
@@ -31,7 +31,8 @@ Interpretation choices (read from the paper's code, github.com/THUDM/TreeRL,
   prompt), so first-level steps have GA = LA. The reward is the sparse one (1 correct / 0, the
   paper's verifier) unless cfg.reward == "dense" (V = mean dense reward of the leaves). train.py
   passes --tree-reward, dense by default: trained on 0/1, a malformed answer is worth a wrong one
-  and the tiny model lost its format (98% -> 88%) and its accuracy (README, sparse vs dense).
+  and the tiny model lost its format (98% -> 88%) and its accuracy (figures/README.md, sparse
+  vs dense).
 - The re-weighting divides (GA + LA) of every step by sqrt(|L(s_n)|); a leaf step has |L| = 1, so
   only shared steps change (paper: "dividing the square root of the number of leaf nodes"). As in
   the paper, every leaf is emitted as a full sequence, so a shared step's tokens appear in |L(s_n)|
@@ -47,7 +48,6 @@ import math
 from dataclasses import dataclass, field
 
 import countdown
-import eval as evaluation
 from countdown import ANSWER_CLOSE, ANSWER_OPEN
 
 REWARDS = ("sparse", "dense")
@@ -144,7 +144,7 @@ def eptree(problems: list, sampler, cfg: TreeRLConfig) -> tuple[list[Segment], l
     -> (one root per problem, the prompts' token ids, counters)."""
     _check(cfg)
     tok = sampler.tokenizer
-    prompts = [evaluation.prompt_ids(p, tok) for p in problems]
+    prompts = [countdown.prompt_ids(p, tok) for p in problems]
     gen = {"temperature": cfg.temperature, "top_p": cfg.top_p, "stop": (ANSWER_CLOSE,)}
     stats = {"sampler_calls": 1, "forks": 0}
     outs = sampler.generate(prompts, n=cfg.M, max_new_tokens=cfg.max_new_tokens, **gen)

@@ -4,7 +4,6 @@ Blog: "a value head V(s_t) ... implemented as an MLP followed by a tanh function
 final hidden state of the transformer". MCTS reads V at step boundaries; the trainer at every token.
 """
 
-import json
 import os
 import socket
 from pathlib import Path
@@ -13,12 +12,7 @@ from urllib.parse import urlparse
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -99,19 +93,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def load_tokenizer(model: str | os.PathLike, **kw) -> PreTrainedTokenizerBase:
-    """AutoTokenizer, except for a tokenizer saved as a plain `tokenizers` pipeline (the tiny
-    model's char-level one): transformers 5 picks the class from config.json's model_type
-    (Qwen2Tokenizer), which rebuilds Qwen's own pre-tokenizer and silently drops spaces and
-    newlines of ours. Those load exactly as saved, from tokenizer.json."""
-    config = Path(model).expanduser() / "tokenizer_config.json"
-    if config.is_file():
-        cls = json.loads(config.read_text()).get("tokenizer_class")
-        if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
-            return PreTrainedTokenizerFast.from_pretrained(str(model), **kw)
-    return AutoTokenizer.from_pretrained(str(model), **kw)
-
-
 def resolve_checkpoint(path: Path) -> Path:
     """A train.py run directory or its `checkpoints/latest` pointer file -> the checkpoint
     directory it names; any other path unchanged."""
@@ -122,29 +103,27 @@ def resolve_checkpoint(path: Path) -> Path:
     return path
 
 
-def load_policy(model: str = "tiny", dtype: torch.dtype = torch.float32
+def load_policy(model: str, dtype: torch.dtype = torch.float32
                 ) -> tuple[PolicyWithValue, PreTrainedTokenizerBase]:
-    """`--model tiny` (built + cached on first use), a local directory (a saved policy, a
-    train.py run directory or its checkpoints/latest: the latest checkpoint), or a HF hub id."""
-    if model == "tiny":
-        import tiny  # local import: tiny.py imports this module
-        model = str(tiny.ensure_tiny())
+    """A local directory (a saved policy, a train.py run directory or its checkpoints/latest: the
+    latest checkpoint) or a HF hub id. The entry scripts turn `tiny` into the cached tiny model's
+    directory first (`tiny.resolve_model`)."""
     path = resolve_checkpoint(Path(model).expanduser())
     if path.is_dir():
-        return PolicyWithValue.from_pretrained(path, dtype), load_tokenizer(path)
+        return PolicyWithValue.from_pretrained(path, dtype), AutoTokenizer.from_pretrained(str(path))
     looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
     if not looks_like_hub_id:
         raise SystemExit(f"cannot load model {model!r}: no such local directory")
     try:  # already in the local HF cache: no network needed
         return (PolicyWithValue.from_pretrained(model, dtype, local_files_only=True),
-                load_tokenizer(model, local_files_only=True))
+                AutoTokenizer.from_pretrained(model, local_files_only=True))
     except OSError:
         pass
     if not _hub_reachable():
         raise SystemExit(f"cannot load model {model!r}: not a local directory and the HF hub "
                          "is unreachable (offline)")
     try:
-        return PolicyWithValue.from_pretrained(model, dtype), load_tokenizer(model)
+        return PolicyWithValue.from_pretrained(model, dtype), AutoTokenizer.from_pretrained(model)
     except OSError as e:
         raise SystemExit(f"cannot load model {model!r}: not a local directory and not found on "
                          f"the HF hub ({str(e).splitlines()[0]})") from None

@@ -23,6 +23,7 @@ from counting import CountingSampler
 
 import countdown
 import mcts
+import tiny
 from sampler import TorchSampler
 from value_head import load_policy
 
@@ -31,7 +32,7 @@ from value_head import load_policy
 class Args:
     """Benchmark knobs; search defaults are MCTSConfig's (the blog's table) except M."""
 
-    model: str = "tiny"  # load_policy: "tiny" (built and cached on first use) or a local dir
+    model: str = "tiny"  # "tiny" (built and cached on first use) or a local dir
     problems: int = 4  # trees searched together in the same batched sampler calls
     iterations: int = 12  # M per worker (blog: 100; train.py's CPU default)
     workers: int = 16  # parallel workers per tree
@@ -42,7 +43,7 @@ class Args:
 
 def main(args: Args) -> None:
     torch.set_num_threads(args.threads)
-    policy, tokenizer = load_policy(args.model)
+    policy, tokenizer = load_policy(tiny.resolve_model(args.model))
     sampler = CountingSampler(TorchSampler(policy, tokenizer, seed=args.seed))
     problems = countdown.make_splits(args.seed, n_train=0, n_test=args.problems)[1]
     cfg = mcts.MCTSConfig(workers=args.workers, iterations=args.iterations,

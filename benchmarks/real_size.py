@@ -24,7 +24,6 @@ import argparse
 import copy
 import gc
 import importlib.util
-import math
 import os
 import sys
 import tempfile
@@ -127,7 +126,7 @@ def measure_train_step(policy: PolicyWithValue, tokenizer, prompts: list[list[in
     gen = torch.Generator().manual_seed(0)
     trajs = [train.trajectory(prompts[i % len(prompts)],
                               torch.randint(len(tokenizer), (tokens,), generator=gen).tolist(),
-                              [-1.0] * tokens, float(i % 2), math.nan, 0) for i in range(batch)]
+                              [-1.0] * tokens, float(i % 2), None, 0) for i in range(batch)]
     data = {k: v.to(device) for k, v in train.collate(trajs, tokenizer.pad_token_id).items()}
     reset_peak_memory(device)
     ref = copy.deepcopy(policy).requires_grad_(False) if args.c_kl else None

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import countdown
 import mcts
+import tiny
 from sampler import TorchSampler
 from value_head import load_policy
 
@@ -68,7 +69,7 @@ def measure(args: Args) -> dict:
     if not args.iterations:
         from train import Args as TrainArgs
         args.iterations = TrainArgs().mcts_iterations
-    policy, tokenizer = load_policy(args.model)
+    policy, tokenizer = load_policy(tiny.resolve_model(args.model))
     sampler = TorchSampler(policy, tokenizer, seed=args.seed)
     problems = training_problems(args.problems, args.seed)
     cfg = mcts.MCTSConfig(workers=args.workers, iterations=args.iterations, k=args.k,

@@ -24,7 +24,7 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import countdown
-import eval as evaluation
+import tiny
 import treepo
 from sampler import TorchSampler
 from value_head import load_policy
@@ -34,7 +34,7 @@ from value_head import load_policy
 class Args:
     """Benchmark knobs; tree defaults are TreePOConfig's (tiny-model segment length and depth)."""
 
-    model: str = "tiny"  # load_policy: "tiny" (built and cached on first use) or a local dir
+    model: str = "tiny"  # "tiny" (built and cached on first use) or a local dir
     problems: int = 8  # prompts per call (trees grown together in the same sampler calls)
     width: int = 16  # w: group size, trajectories per prompt for both methods
     segment_len: int = 16  # L
@@ -46,7 +46,7 @@ class Args:
 
 
 def run_iid(problems, sampler, cfg: treepo.TreePOConfig) -> dict:
-    prompts = [evaluation.prompt_ids(p, sampler.tokenizer) for p in problems]
+    prompts = [countdown.prompt_ids(p, sampler.tokenizer) for p in problems]
     gen0, fwd0, start = sampler.tokens_generated, sampler.forward_tokens, time.perf_counter()
     outs = sampler.generate(prompts, n=cfg.width, max_new_tokens=cfg.segment_len * cfg.max_depth,
                             temperature=cfg.temperature, stop=(countdown.ANSWER_CLOSE,))
@@ -75,7 +75,7 @@ def run_tree(problems, sampler, cfg: treepo.TreePOConfig) -> dict:
 
 def main(args: Args) -> None:
     torch.set_num_threads(args.threads)
-    policy, tokenizer = load_policy(args.model)
+    policy, tokenizer = load_policy(tiny.resolve_model(args.model))
     sampler = TorchSampler(policy, tokenizer, seed=args.seed)
     problems = countdown.make_splits(args.seed, n_train=0, n_test=args.problems)[1]
     cfg = treepo.TreePOConfig(segment_len=args.segment_len, max_depth=args.max_depth,

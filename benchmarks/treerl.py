@@ -22,7 +22,7 @@ import tyro
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import countdown
-import eval as evaluation
+import tiny
 import treerl
 from sampler import TorchSampler
 from value_head import load_policy
@@ -32,7 +32,7 @@ from value_head import load_policy
 class Args:
     """Benchmark knobs; the tree defaults are the paper's (M, N, L, T) = (6, 2, 1, 2)."""
 
-    model: str = "tiny"  # load_policy: "tiny" (built and cached on first use) or a local dir
+    model: str = "tiny"  # "tiny" (built and cached on first use) or a local dir
     problems: int = 32  # test problems, all searched in the same batched sampler calls
     M: int = 6  # initial i.i.d. responses per prompt
     N: int = 2  # forking points per tree per iteration
@@ -63,7 +63,7 @@ def mean_row(rows: list[dict]) -> dict:
 def main(args: Args) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    policy, tok = load_policy(args.model)
+    policy, tok = load_policy(tiny.resolve_model(args.model))
     policy.eval()
     _, test = countdown.make_splits(seed=0)
     problems = test[:args.problems]
@@ -82,7 +82,7 @@ def main(args: Args) -> None:
 
     sampler = TorchSampler(policy, tok, seed=args.seed + 1)
     start = time.perf_counter()
-    pool = sampler.generate([evaluation.prompt_ids(p, tok) for p in problems], n=args.iid_pool,
+    pool = sampler.generate([countdown.prompt_ids(p, tok) for p in problems], n=args.iid_pool,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             stop=(countdown.ANSWER_CLOSE,))
     iid_seconds = time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""Shared fixtures. Tests run on 2 cores (DEVELOPERS.md)."""
+"""Shared fixtures. Tests run on the 2-core box: two torch threads."""
 
 from pathlib import Path
 

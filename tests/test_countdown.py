@@ -18,11 +18,9 @@ from countdown import (
     dense_reward,
     evaluate_expression,
     is_well_formatted,
-    load_jsonl,
     make_prompt,
     make_splits,
     parse_answer,
-    save_jsonl,
     solution_trace,
     solve,
     solve_steps,
@@ -303,20 +301,3 @@ def test_splits_deterministic(splits):
     assert make_splits(1, n_train=200, n_test=50) != make_splits(2, n_train=200, n_test=50)
     with pytest.raises(ValueError, match="distinct"):
         make_splits(n_train=10**6)
-
-
-def test_jsonl_round_trip(tmp_path, splits):
-    path = tmp_path / "test.jsonl"
-    save_jsonl(splits[1], path)
-    assert load_jsonl(path) == splits[1]
-    assert path.read_text().splitlines()[0].startswith('{"nums": [')
-
-
-@pytest.mark.parametrize("bad", ["not json", '{"nums": [1, 2]}', '{"nums": [1, 2], "target": 2.5}',
-                                 '{"nums": [true, 2], "target": 3}', '{"nums": [], "target": 3}',
-                                 '[1, 2, 3]', '{"nums": "1 2", "target": 3}'])
-def test_jsonl_malformed_line(tmp_path, bad):
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"nums": [1, 2], "target": 3}\n\n' + bad + "\n")
-    with pytest.raises(ValueError, match=r"bad\.jsonl:3: "):
-        load_jsonl(path)

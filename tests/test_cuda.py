@@ -11,6 +11,7 @@ import torch.distributed as dist
 from test_sampler import PROMPTS, encode, spread_policy
 from test_value_head import char_tokenizer
 
+import infrastructure as infra
 import train
 from sampler import TorchSampler
 
@@ -65,7 +66,7 @@ def trajectories(tok, n: int = 4) -> list[dict]:
     for i in range(n):
         tokens = torch.randint(3, 60, (5 + 3 * i,), generator=gen).tolist()
         old = (-torch.rand(len(tokens), generator=gen) * 3).tolist()
-        adv = math.nan if i % 2 else 0.5  # MCTS-style r - V and a given (CISPO) advantage
+        adv = None if i % 2 else 0.5  # train.Args() is mcts: the trainer's r - V for every row
         trajs.append(train.trajectory(prompts[i % len(prompts)], tokens, old, float(i % 2), adv, 0))
     return trajs
 
@@ -81,7 +82,7 @@ def test_train_step_on_cuda_through_ddp_nccl_matches_cpu():
         opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
         data = {k: v.to(device) for k, v in batch.items()}
         if device == "cuda":
-            dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{train._free_port()}",
+            dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{infra.free_port()}",
                                     rank=0, world_size=1)
             try:
                 stats = train.train_step(torch.nn.parallel.DistributedDataParallel(policy), ref,

@@ -7,7 +7,7 @@ import pytest
 
 import eval as ev
 import tiny
-from countdown import ANSWER_CLOSE, STEP_END, Problem, solution_trace
+from countdown import ANSWER_CLOSE, STEP_END, Problem, prompt_ids, solution_trace
 
 
 @dataclass
@@ -27,7 +27,7 @@ class ScriptedSampler:
 
     def __init__(self, script: dict[Problem, list[tuple[str, float]]]):
         self.tokenizer = tiny.build_tokenizer()
-        self.script = {tuple(ev.prompt_ids(p, self.tokenizer)): s for p, s in script.items()}
+        self.script = {tuple(prompt_ids(p, self.tokenizer)): s for p, s in script.items()}
         self.drawn = dict.fromkeys(self.script, 0)
         self.returned = dict.fromkeys(self.script, 0)
         self.calls: list[dict] = []
@@ -144,7 +144,7 @@ def test_budget_harness_never_exceeds_the_budget(method, budget):
         return
     texts, used, searches = ev.answer_with_search(sampler, problems, method, budget,
                                                   max_new_tokens=128, mcts_cfg=cfg)
-    returned = [sampler.returned[tuple(ev.prompt_ids(p, sampler.tokenizer))] for p in problems]
+    returned = [sampler.returned[tuple(prompt_ids(p, sampler.tokenizer))] for p in problems]
     assert used == returned  # the harness counts exactly the tokens the sampler returned
     assert max(returned) <= budget
     assert len(texts) == len(problems)
@@ -196,7 +196,7 @@ def test_bon_through_the_harness_picks_the_wrong_majority():
     sampler = ScriptedSampler({p: [(product_answer(p), 0.0), (steps_trace(p), 0.9),
                                    (product_answer(p), 0.0)]})
     texts, _, _ = ev.answer_with_search(sampler, [p], "bon", 512, max_new_tokens=64)
-    assert sampler.drawn[tuple(ev.prompt_ids(p, sampler.tokenizer))] >= 3
+    assert sampler.drawn[tuple(prompt_ids(p, sampler.tokenizer))] >= 3
     assert texts == [product_answer(p)] and ev.sparse_reward(texts[0], p) == 0.0
     texts, _, _ = ev.answer_with_search(sampler, [p], "bon", 512, max_new_tokens=64,
                                         bon_select="value")

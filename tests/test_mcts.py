@@ -24,7 +24,6 @@ from mcts import (
 )
 
 PROBLEM = Problem(nums=(1, 2, 3, 4), target=10)
-S = math.sqrt
 
 
 class ScriptedSampler:
@@ -116,7 +115,8 @@ def test_select_picks_hand_computed_child_and_virtual_loss_moves_the_next_worker
     # Second worker, parent visits 9 + 2 = 11:
     #   a: 0.5 + 0.1*sqrt(11)/5 = 0.5663, b: 0.15 + 0.25*sqrt(11)/3 = 0.4264,
     #   c: 0.15*sqrt(11) = 0.4975 -> a (without virtual loss b would win again: 0.6953 > 0.5632)
-    assert 0.15 + 0.25 * S(11) / 3 < 0.5 + 0.1 * S(11) / 5
+    assert puct_score(b.q, b.prior, 11, b.N + b.vloss, 0.5) == pytest.approx(0.4264, abs=1e-4)
+    assert puct_score(a.q, a.prior, 11, a.N + a.vloss, 0.5) == pytest.approx(0.5663, abs=1e-4)
     assert select_leaf(root, blog) == [root, a]
     assert (root.vloss, a.vloss, b.vloss, c.vloss) == (2, 1, 1, 0)
 

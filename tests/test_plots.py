@@ -97,6 +97,20 @@ def test_results_table_numbers_by_hand(tmp_path):
                     "0.100 -> 0.500 | 0.000 |")
 
 
+def test_eval_key_follows_the_runs_eval_n(tmp_path):
+    # train.py --eval-n 2 logs eval_mean_at_2: drawn and tabled as mean@2
+    rows = [{"step": 0, "generated_tokens": 0, "eval_mean_at_2": 0.25},
+            {"step": 1, "generated_tokens": 10, "train_reward": 0.5, "kl": 0.0,
+             "eval_mean_at_2": 0.5, "eval_ci95": 0.1}]
+    write_run(tmp_path / "r", "cispo", 0, rows, eval_n=2)
+    run = plots.load_run(tmp_path / "r")
+    x, y = line(plots.eval_figure([run]).axes[0], "cispo")
+    np.testing.assert_allclose(x, [0, 1])
+    np.testing.assert_allclose(y, [0.25, 0.5])
+    header, _, row = plots.results_table([run]).splitlines()
+    assert "| mean@2 first -> last |" in header and "25.00% -> 50.00% (± 10.00%)" in row
+
+
 def test_one_seed_draws_no_band(tmp_path):
     write_run(tmp_path / "bon", "bon", 0, rows_for(0.0, 10))
     fig = plots.train_figure([plots.load_run(tmp_path / "bon")])

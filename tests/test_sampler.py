@@ -4,11 +4,11 @@ ragged batches, values, weight sync and forward-token accounting."""
 import pytest
 import torch
 from test_value_head import char_tokenizer, random_policy
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-import sampler as sampler_module
-from sampler import HFDecoder, Qwen2Decoder, TorchSampler, left_pad, make_sampler
-from value_head import PolicyWithValue, load_tokenizer
+from fast_decoder import MIN_SHARED_PREFIX, Qwen2Decoder, shared_prefix_groups
+from sampler import HFDecoder, TorchSampler, left_pad, make_sampler
+from value_head import PolicyWithValue
 
 PROMPTS = ["12+3=15", "7*8", "(13-4)*3=27 ab", "x"]  # ragged lengths 7, 3, 14, 1
 
@@ -90,7 +90,7 @@ def test_greedy_equals_hf_generate_tiny_model(request):
     except pytest.FixtureLookupError:
         pytest.skip("tiny_test_model fixture (tests/conftest.py) not available yet")
     policy = PolicyWithValue.from_pretrained(path)
-    tok = load_tokenizer(path)
+    tok = AutoTokenizer.from_pretrained(path)
     sampler = TorchSampler(policy, tok)
     prompts = encode(tok, ["<|im_start|>user\n3 5 7 9 -> 24<|im_end|>\n<|im_start|>assistant\n",
                            "<|im_start|>assistant\n13-4="])
@@ -278,17 +278,17 @@ SHARED = ["<|im_start|>user\nuse 3 5 7 9 to make 24.<|im_end|>\n",  # > MIN_SHAR
 def test_shared_prefix_groups_by_hand():
     a, b = [1] * 10, [1] * 4 + [2] * 6  # share 4 tokens: too few to group across
     prompts = [a + [3], b + [5], a + [4, 4], b + [6], [9, 9], a + [3, 8]]
-    group, prefix = sampler_module.shared_prefix_groups(prompts, min_shared=8)
+    group, prefix = shared_prefix_groups(prompts, min_shared=8)
     # a-prompts: 10 shared tokens each (a+[3] and a+[3,8] share 11, but the group's prefix is the
     # run's minimum); b-prompts: 10; [9, 9] alone: all but its last token in the first pass
     assert prefix == [10, 10, 10, 10, 1, 10]
     assert group[0] == group[2] == group[5] != group[1] == group[3] != group[4]
     assert len({group[0], group[1], group[4]}) == 3
     # saving (3 - 1) * 10 + (2 - 1) * 10 = 30 tokens; with no long shared prefix: no grouping
-    assert sampler_module.shared_prefix_groups([a + [3], b + [5]], min_shared=8) == (None, [])
+    assert shared_prefix_groups([a + [3], b + [5]], min_shared=8) == (None, [])
     # a subgroup sharing more is split off only when that saves more: 3 x 20 beats 1 x 10 + ...
     c = [1] * 20
-    group, prefix = sampler_module.shared_prefix_groups([c + [1], c + [2], c + [3], a + [7]], min_shared=8)
+    group, prefix = shared_prefix_groups([c + [1], c + [2], c + [3], a + [7]], min_shared=8)
     assert prefix == [20, 20, 20, 10] and len(set(group)) == 2
 
 
@@ -307,7 +307,7 @@ def test_common_prefix_encoded_once_gives_the_same_samples(arch, problems):
     prompts = encode(tok, texts)
     # the shared part of each problem's prompts, counted by hand: the template and the problem
     shared = [len(tok.encode(s)) for s in SHARED[:problems]]
-    assert min(shared) >= sampler_module.MIN_SHARED_PREFIX
+    assert min(shared) >= MIN_SHARED_PREFIX
     sampler = TorchSampler(policy, tok)
     out = sampler.generate(prompts, n=2, max_new_tokens=12, temperature=0, stop=(),
                            want_values=True)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import infrastructure as infra
 import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,13 +26,14 @@ def small_flags(model: str, out: Path, steps: int) -> list[str]:
             "--mcts-iterations", "4", "--mcts-workers", "2", "--mcts-k", "2",
             "--max-step-tokens", "12", "--max-new-tokens", "32", "--prompts-per-call", "1",
             "--cispo-groups", "1", "--group-size", "2", "--bon-n", "3", "--eval-problems", "2",
-            "--eval-n", "2", "--eval-every", "0", "--sync-every", "1", "--checkpoint-every", "2",
-            "--checksums"]
+            "--eval-n", "2", "--eval-every", "0", "--sync-every", "1", "--checkpoint-every", "2"]
 
 
-def run_train(*flags: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def run_train(*flags: str, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
+    """train.py with the weights hashed at every publish and sync (infrastructure.py's test hook)."""
     return subprocess.run([sys.executable, "train.py", *flags], check=False, cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "TREESEARCH_CHECKSUMS": "1", **env})
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -39,7 +41,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def trainer_state(run_dir: Path) -> dict:
-    return train.load_trainer_state(train.latest_checkpoint(run_dir))
+    return infra.load_trainer_state(infra.latest_checkpoint(run_dir))
 
 
 TRAIN_FIELDS = {"step", "wall_time", "generated_tokens", "train_reward", "policy_loss",
@@ -64,13 +66,13 @@ def check_run(run_dir: Path, model: str, steps: int, method: str,
     assert config["method"] == method and config["seed"] == 0
 
     # weights changed: the final checkpoint differs from the starting model, LM and value head
-    ckpt = train.latest_checkpoint(run_dir)
+    ckpt = infra.latest_checkpoint(run_dir)
     assert ckpt.name == f"step-{steps:06d}"
     for name in ("model.safetensors", "value_head.safetensors"):
         before, after = load_file(Path(model) / name), load_file(ckpt / name)
         assert before.keys() == after.keys()
         assert any(not torch.equal(before[k], after[k]) for k in before), name
-    state = train.load_trainer_state(ckpt)
+    state = infra.load_trainer_state(ckpt)
     assert state["step"] == steps
     assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {float(steps)}
 
@@ -91,7 +93,7 @@ def check_run(run_dir: Path, model: str, steps: int, method: str,
 
 
 def test_collate_aligns_completion_tokens_by_hand():
-    a = train.trajectory([5, 6, 7], [8, 9], [-0.5, -1.5], 1.0, float("nan"), 3)
+    a = train.trajectory([5, 6, 7], [8, 9], [-0.5, -1.5], 1.0, [-7.0, -8.0], 3)
     b = train.trajectory([5], [4, 3, 2], [-1.0, -2.0, -3.0], -1.0, [0.25, 0.5, 0.75], 4)
     out = train.collate([a, b], pad_id=0)
     assert out["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 4, 3, 2, 0]]
@@ -100,11 +102,25 @@ def test_collate_aligns_completion_tokens_by_hand():
     assert out["mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]
     assert out["old_logprobs"].tolist() == [[0, 0, -0.5, -1.5], [-1, -2, -3, 0]]
     assert out["versions"].tolist() == [3, 4] and out["rewards"].tolist() == [1.0, -1.0]
-    # advantages sit on the same positions as the mask (NaN = r - V), 0 on padding
-    assert torch.isnan(out["advantages"][0, 2:]).all() and out["advantages"][0, :2].tolist() == [0, 0]
-    assert out["advantages"][1].tolist() == [0.25, 0.5, 0.75, 0]
+    # advantages sit on the same positions as the mask, 0 on prompt and padding
+    assert out["advantages"].tolist() == [[0, 0, -7, -8], [0.25, 0.5, 0.75, 0]]
     assert out["value_mask"].tolist() == out["mask"].tolist()
     assert out["policy_rows"].tolist() == [True, True]
+
+
+def test_advantages_by_method_by_hand():
+    batch = {"rewards": torch.tensor([1.0, -1.0]), "mask": torch.tensor([[0, 1, 1], [1, 1, 0.0]]),
+             "advantages": torch.tensor([[0, 2.0, 3.0], [4.0, 5.0, 0]])}
+    values = torch.tensor([[9.0, 0.5, -0.25], [0.0, -0.5, 9.0]], requires_grad=True)
+    # MCTS (the blog's value baseline) / BoN: r - sg(V(s_t)) on the completion tokens, whatever
+    # the generator sent
+    for args in (train.Args(method="mcts"), train.Args(method="bon")):
+        adv = train.advantages(args, batch, values)
+        assert adv.tolist() == [[0, 0.5, 1.25], [-1, -0.5, 0]] and not adv.requires_grad
+    # the others: the generator's advantages, masked
+    for args in [train.Args(method="mcts", mcts_baseline="tree"),
+                 *(train.Args(method=m) for m in ("cispo", "treepo", "treerl", "sft"))]:
+        assert train.advantages(args, batch, values).tolist() == [[0, 2, 3], [4, 5, 0]]
 
 
 def test_collate_puts_value_paths_in_the_value_mask_only():
@@ -149,7 +165,7 @@ def test_mcts_producer_tree_baseline_value_paths_and_search_metrics():
     # the blog's defaults: advantage left to the trainer (r - V), no value paths
     [t] = train.mcts_trajectories([PROBLEM], ScriptedSampler(script),
                                   train.Args(mcts_workers=1, mcts_iterations=4, mcts_k=2), 7)
-    assert torch.isnan(t["advantages"]).all() and t["value_paths"] == []
+    assert not t["advantages"].any() and t["value_paths"] == []
 
 
 def test_work_items_are_disjoint_and_deterministic():
@@ -166,9 +182,9 @@ def test_work_items_are_disjoint_and_deterministic():
 def test_checksum_is_exact_and_order_independent():
     sd = {"a": torch.zeros(3), "b": torch.ones(2, 2)}
     same = {"b": torch.ones(2, 2), "a": torch.zeros(3)}
-    assert train.weights_checksum(sd) == train.weights_checksum(same)
+    assert infra.weights_checksum(sd) == infra.weights_checksum(same)
     nudged = {"a": torch.tensor([0.0, 0.0, 1e-30]), "b": torch.ones(2, 2)}
-    assert train.weights_checksum(sd) != train.weights_checksum(nudged)
+    assert infra.weights_checksum(sd) != infra.weights_checksum(nudged)
 
 
 class _FakePolicy:
@@ -178,21 +194,21 @@ class _FakePolicy:
 
 
 def test_checkpoint_pointer_survives_a_killed_writer(tmp_path):
-    train.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 4})
+    infra.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 4})
     ckpts = tmp_path / "checkpoints"
     # what a writer killed mid-save leaves behind: a half-written dir and pointer
     (ckpts / "step-000006.tmp-999").mkdir()
     (ckpts / "latest.tmp-999").write_text("step-000006\n")
-    assert train.latest_checkpoint(tmp_path) == ckpts / "step-000004"
-    assert train.load_trainer_state(ckpts / "step-000004")["step"] == 4
-    train.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 8})
+    assert infra.latest_checkpoint(tmp_path) == ckpts / "step-000004"
+    assert infra.load_trainer_state(ckpts / "step-000004")["step"] == 4
+    infra.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 8})
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000008"]
-    assert train.latest_checkpoint(tmp_path) == ckpts / "step-000008"
+    assert infra.latest_checkpoint(tmp_path) == ckpts / "step-000008"
 
 
 def test_no_checkpoint_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint to resume from"):
-        train.latest_checkpoint(tmp_path)
+        infra.latest_checkpoint(tmp_path)
 
 
 def test_preset_gives_defaults_and_flags_override():
@@ -353,9 +369,9 @@ def test_bon_resume_restores_step_optimizer_and_data_position(tiny_test_model, t
 @pytest.mark.timeout(240)
 def test_raising_generator_stops_the_run_with_its_traceback(tiny_test_model, tmp_path):
     r = run_train(*small_flags(str(tiny_test_model), tmp_path / "fail", steps=50),
-                  "--debug-fail-at", "1")
+                  TREESEARCH_FAIL_AT="1")
     assert r.returncode == 1
-    assert "generator-0 failed" in r.stderr and "RuntimeError: debug_fail_at" in r.stderr
+    assert "generator-0 failed" in r.stderr and "RuntimeError: TREESEARCH_FAIL_AT" in r.stderr
 
 
 @pytest.mark.slow

@@ -279,14 +279,14 @@ def test_bad_config_is_a_clear_error():
 def tiny_policy(request):
     """The conftest's trained tiny test model when there is one; else the same architecture
     with random weights (the logprob check needs no training, and building takes ~90 s here)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import tiny
-    from value_head import PolicyWithValue, load_tokenizer
+    from value_head import PolicyWithValue
 
     try:
         path = request.getfixturevalue("tiny_test_model")
-        return PolicyWithValue.from_pretrained(path).eval(), load_tokenizer(path)
+        return PolicyWithValue.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
     except pytest.FixtureLookupError:
         torch.manual_seed(0)
         tok = tiny.build_tokenizer()

@@ -5,13 +5,15 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
+import tiny
 from value_head import PolicyWithValue, ValueHead, load_policy
 
 TAGS = ["</step>", "<answer>", "</answer>"]
 
 
 def char_tokenizer(single_token_tags: bool = True) -> PreTrainedTokenizerFast:
-    """Character-level stand-in (until tiny.build_tokenizer lands); tags optionally one token each."""
+    """A small character-level tokenizer (51 symbols: fits the random policies' vocabulary);
+    tags optionally one token each."""
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     chars = list("0123456789+-*/=()<> abcdefghijklmnopqrstuvwxyz:,.\n")
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(special + chars)},
@@ -74,7 +76,7 @@ def test_value_head_stays_float32_under_bf16_lm():
 
 
 def test_save_load_round_trip(tmp_path):
-    policy, tok = random_policy(seed=1), char_tokenizer()
+    policy, tok = random_policy(seed=1), tiny.build_tokenizer()
     policy.save_pretrained(tmp_path, tokenizer=tok)
     assert (tmp_path / "value_head.safetensors").is_file()
     ids = torch.randint(3, 60, (2, 9))
