@@ -139,8 +139,9 @@ class Args:
     """value loss weight c_value (blog: 1.0)"""
     c_kl: float = 0.05
     """k3 KL(pi_theta || pi_ref) weight c_KL (blog: 0.05)"""
-    lr: float = 3e-5
-    """AdamW learning rate (blog author's code: 5e-6 for the 1.5B model)"""
+    lr: float = 5e-6
+    """AdamW learning rate (blog author's code: 5e-6; at 3e-5 CISPO's KL to the start passed 0.4
+    within 700 steps, README "Stability")"""
     lr_schedule: Literal["constant", "linear"] = "constant"
     """constant, or linear decay to 0 at --steps (blog author's code: linear, no warm-up)"""
     loss_agg: Literal["token", "sequence"] = "token"
@@ -148,7 +149,7 @@ class Args:
     sequences (blog author's code)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 0.1
     """gradient norm clipping (blog author's code: 0.1)"""
     steps: int = 100000
     """optimizer steps to train for (the CPU default is bounded by --time-limit-min instead)"""
