@@ -34,6 +34,7 @@ import transformers
 import tyro
 
 import countdown
+import diagnostics
 import eval as evaluation
 import infrastructure as infra
 import losses
@@ -433,39 +434,6 @@ def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
             "versions": torch.stack([b["version"] for *_, b in rows])}
 
 
-def batch_info(batch: list[dict]) -> dict[str, float]:
-    """Batch means of the items' logged numbers (the same keys for every item of a method)."""
-    keys = sorted(batch[0]["info"])
-    return {k: sum(b["info"][k] for b in batch) / len(batch) for k in keys}
-
-
-HEALTH = ("entropy", "advantage_std", "value_mean", "value_start", "reward_std",
-          "completion_len", "logp_gap")
-
-
-def health_stats(logits, logp, values, advantages, batch: dict) -> dict[str, float]:
-    """What to watch for divergence, on the policy rows' completion tokens: the policy's entropy
-    (nats/token), the advantages' spread, V(s) overall and at the first completion state against
-    the rewards it predicts, completion length, and mean |log pi_theta - log pi_old| (policy lag
-    plus any sampler/trainer mismatch)."""
-    mask, rows = batch["mask"], batch["policy_rows"]
-    valid = mask > 0
-    n = valid.sum().clamp(min=1)
-
-    def mean(x):
-        return (torch.where(valid, x, 0.0).sum() / n).item()
-    log_p = torch.log_softmax(logits.float(), dim=-1)
-    entropy = -(log_p.exp() * log_p).sum(-1)
-    first = valid.float().argmax(dim=1)[rows]  # each policy row's first completion position
-    adv = advantages[valid]
-    return {"entropy": mean(entropy),
-            "advantage_std": adv.std().item() if adv.numel() > 1 else 0.0,
-            "value_mean": mean(values), "value_start": values[rows, first].mean().item(),
-            "reward_std": batch["rewards"][rows].std().item() if rows.sum() > 1 else 0.0,
-            "completion_len": mask[rows].sum(1).mean().item(),
-            "logp_gap": mean((logp - batch["old_logprobs"]).abs())}
-
-
 def lr_at(step: int, args: Args) -> float:
     """The learning rate of optimizer step `step` (0-based): constant, or linear decay from lr to
     0 over --steps (transformers' "linear" schedule without warm-up: lr * (1 - step / steps))."""
@@ -501,7 +469,7 @@ def train_step(model, ref: PolicyWithValue | None, opt, batch: dict, args: Args)
         loss=args.loss, eps_high=args.eps_high, bound=args.cispo_bound,
         value_mask=batch["value_mask"], agg=args.loss_agg)
     with torch.no_grad():
-        stats.update(health_stats(logits[:, :-1], logp, values, per_token, batch))
+        stats.update(diagnostics.health_stats(logits[:, :-1], logp, values, per_token, batch))
     if not math.isfinite(stats["total_loss"]):
         raise FloatingPointError(f"non-finite loss ({stats['total_loss']}): "
                                  f"policy {stats['policy_loss']}, value {stats['value_loss']}, kl {stats['kl']}")
@@ -510,25 +478,6 @@ def train_step(model, ref: PolicyWithValue | None, opt, batch: dict, args: Args)
     stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
     opt.step()
     return stats
-
-
-def search_gain(sampler, problems: list, args: Args) -> dict[str, float]:
-    """The search measured on itself: the selected trajectory's reward minus the mean reward of
-    eval_n i.i.d. policy samples on the same problems (dense, as trained on; and exact success),
-    both at the training temperature."""
-    results = mcts.search(problems, sampler, mcts_config(args))
-    prompts = [r.prompt_ids for r in results]
-    outs = sampler.generate(prompts, n=args.eval_n, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, stop=(countdown.ANSWER_CLOSE,))
-    sample_dense = [countdown.dense_reward(c.text, p) for p, g in zip(problems, outs) for c in g]
-    sample_exact = [countdown.sparse_reward(c.text, p) for p, g in zip(problems, outs) for c in g]
-    selected = sum(r.reward for r in results) / len(results)
-    exact = sum(countdown.sparse_reward(r.text, p) for r, p in zip(results, problems)) / len(results)
-    return {"eval_search_reward": selected,
-            "eval_sample_reward": sum(sample_dense) / len(sample_dense),
-            "eval_search_gain": selected - sum(sample_dense) / len(sample_dense),
-            "eval_search_success": exact,
-            "eval_sample_success": sum(sample_exact) / len(sample_exact)}
 
 
 def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_start: float,
@@ -565,7 +514,9 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
         row = {f"eval_mean_at_{args.eval_n}": r["mean_at_n"], "eval_ci95": r["ci95"],
                "eval_format_rate": r["format_rate"], "eval_mean_len": r["mean_len"]}
         if args.method == "mcts" and args.search_gain_problems:
-            row.update(search_gain(smp, test[:args.search_gain_problems], args))
+            row.update(diagnostics.search_gain(
+                smp, test[:args.search_gain_problems], mcts_config(args), n=args.eval_n,
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature))
         return row
 
     if rank == 0 and not resume_ckpt:  # mean@16 "before": no trajectory trained on yet
@@ -577,7 +528,7 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
         if batch is None:  # main asked us to stop
             return
         data = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
-        info = batch_info(batch)
+        info = diagnostics.batch_info(batch)
         texts = [tokenizer.decode(b["tokens"], skip_special_tokens=True) for b in batch]
         formatted = [countdown.is_well_formatted(t) for t in texts]
         if rank == 0 and not all(formatted) and step % 10 == 0:  # what malformed answers look like
@@ -591,7 +542,7 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
                   "train_format_rate": sum(formatted) / len(formatted),
                   **{k: stats[k] for k in ("policy_loss", "value_loss", "kl")},
                   "policy_lag": lag.mean().item(), "policy_lag_max": lag.max().item(),
-                  **{k: stats[k] for k in ("clip_frac", "grad_norm", *HEALTH)}, **info}
+                  **{k: stats[k] for k in ("clip_frac", "grad_norm", *diagnostics.HEALTH)}, **info}
         local = torch.tensor(list(logged.values()), device=device)
         dist.all_reduce(local)  # global-batch means for logging
         local /= args.n_trainers

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import diagnostics
 import infrastructure as infra
 import train
 
@@ -137,7 +138,7 @@ def test_collate_puts_value_paths_in_the_value_mask_only():
     assert out["policy_rows"].tolist() == [True, True, False, False]
     assert out["advantages"][2:].abs().sum() == 0 and out["old_logprobs"][2:].abs().sum() == 0
     assert out["versions"].tolist() == [3, 4, 3, 3]
-    assert train.batch_info([a, b]) == {"search_depth": 3.0}
+    assert diagnostics.batch_info([a, b]) == {"search_depth": 3.0}
 
 
 def test_mcts_producer_tree_baseline_value_paths_and_search_metrics():
@@ -468,7 +469,7 @@ def test_health_stats_by_hand():
     logp = torch.tensor([[0.0, -1.5, -2.0], [-0.25, 0.0, 0.0], [0.0, 0.0, 0.0]])
     values = torch.tensor([[9.0, 0.2, 0.4], [0.6, 9.0, 9.0], [9.0, -0.8, 9.0]])
     adv = batch["mask"] * torch.tensor([[0.5], [-0.5], [0.0]])
-    h = train.health_stats(logits, logp, values, adv, batch)
+    h = diagnostics.health_stats(logits, logp, values, adv, batch)
     assert h["entropy"] == pytest.approx(2 * math.log(4) / 3)  # 3 policy tokens
     assert h["advantage_std"] == pytest.approx(torch.tensor([0.5, 0.5, -0.5]).std().item())
     assert h["value_mean"] == pytest.approx((0.2 + 0.4 + 0.6) / 3)

@@ -1,0 +1,65 @@
+"""What a run logs about itself besides the losses (blog: none; our guards against the failure
+modes seen here): per batch, the items' own numbers (the search's depth, rollouts, terminal
+backups) and the health of the update (entropy, advantage and value spread, completion length,
+sampler/trainer log-prob gap); at each eval of an mcts run, the search gain."""
+
+from __future__ import annotations
+
+import torch
+
+import countdown
+import mcts
+
+
+def batch_info(batch: list[dict]) -> dict[str, float]:
+    """Batch means of the items' logged numbers (the same keys for every item of a method)."""
+    keys = sorted(batch[0]["info"])
+    return {k: sum(b["info"][k] for b in batch) / len(batch) for k in keys}
+
+
+HEALTH = ("entropy", "advantage_std", "value_mean", "value_start", "reward_std",
+          "completion_len", "logp_gap")
+
+
+def health_stats(logits, logp, values, advantages, batch: dict) -> dict[str, float]:
+    """What to watch for divergence, on the policy rows' completion tokens: the policy's entropy
+    (nats/token), the advantages' spread, V(s) overall and at the first completion state against
+    the rewards it predicts, completion length, and mean |log pi_theta - log pi_old| (policy lag
+    plus any sampler/trainer mismatch)."""
+    mask, rows = batch["mask"], batch["policy_rows"]
+    valid = mask > 0
+    n = valid.sum().clamp(min=1)
+
+    def mean(x):
+        return (torch.where(valid, x, 0.0).sum() / n).item()
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    first = valid.float().argmax(dim=1)[rows]  # each policy row's first completion position
+    adv = advantages[valid]
+    return {"entropy": mean(entropy),
+            "advantage_std": adv.std().item() if adv.numel() > 1 else 0.0,
+            "value_mean": mean(values), "value_start": values[rows, first].mean().item(),
+            "reward_std": batch["rewards"][rows].std().item() if rows.sum() > 1 else 0.0,
+            "completion_len": mask[rows].sum(1).mean().item(),
+            "logp_gap": mean((logp - batch["old_logprobs"]).abs())}
+
+
+
+def search_gain(sampler, problems: list, cfg: mcts.MCTSConfig, n: int, max_new_tokens: int,
+                temperature: float) -> dict[str, float]:
+    """The search measured on itself: the selected trajectory's reward minus the mean reward of
+    n i.i.d. policy samples on the same problems (dense, as trained on; and exact success), both
+    at the training temperature."""
+    results = mcts.search(problems, sampler, cfg)
+    prompts = [r.prompt_ids for r in results]
+    outs = sampler.generate(prompts, n=n, max_new_tokens=max_new_tokens,
+                            temperature=temperature, stop=(countdown.ANSWER_CLOSE,))
+    sample_dense = [countdown.dense_reward(c.text, p) for p, g in zip(problems, outs) for c in g]
+    sample_exact = [countdown.sparse_reward(c.text, p) for p, g in zip(problems, outs) for c in g]
+    selected = sum(r.reward for r in results) / len(results)
+    exact = sum(countdown.sparse_reward(r.text, p) for r, p in zip(results, problems)) / len(results)
+    return {"eval_search_reward": selected,
+            "eval_sample_reward": sum(sample_dense) / len(sample_dense),
+            "eval_search_gain": selected - sum(sample_dense) / len(sample_dense),
+            "eval_search_success": exact,
+            "eval_sample_success": sum(sample_exact) / len(sample_exact)}
