@@ -288,9 +288,18 @@ def main(args: Args) -> dict:
             raise SystemExit(f"--search must be among {SEARCH_METHODS}, got {method!r}")
     if args.bon_select not in BON_SELECT:
         raise SystemExit(f"--bon-select must be one of {BON_SELECT}, got {args.bon_select!r}")
+    for name in ("limit", "n", "max_new_tokens", "batch_size", "mcts_k", "mcts_workers",
+                 "mcts_step_tokens", "threads", *(("budget_tokens",) if args.budget_tokens else ())):
+        value = getattr(args, name)
+        if value is not None and min(value if isinstance(value, tuple) else (value,)) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not args.temperature >= 0:
+        raise SystemExit(f"--temperature must be >= 0, got {args.temperature}")
+    try:  # fail now, not after the eval
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out {args.out}: cannot create its directory ({e.strerror})") from None
     if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
         import torch
 
         torch.set_num_threads(args.threads)
@@ -323,7 +332,6 @@ def main(args: Args) -> dict:
                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
             summary["baseline"] = {"checkpoint": args.baseline, **base}
             summary.update(paired_difference(base["per_problem"], summary["per_problem"]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2))
     short = {k: v for k, v in summary.items() if k != "per_problem"}  # the file keeps them
     if "baseline" in short:

@@ -51,16 +51,29 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from a file, or a one-line error (a file cut short or not ours)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"plots.py: error: cannot read {path} ({e})") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"plots.py: error: {path} holds no JSON object")
+    return data
+
+
 def load_run(run_dir: str | Path) -> dict:
     """One training run: its method and seed (config.json) and its metric rows."""
     run_dir = Path(run_dir)
     config_path, metrics_path = run_dir / "config.json", run_dir / "metrics.jsonl"
     if not metrics_path.is_file():
         raise SystemExit(f"{run_dir}: no metrics.jsonl (is this a run directory?)")
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = read_json(config_path) if config_path.is_file() else {}
+    rows = read_jsonl(metrics_path)
+    if not rows:
+        raise SystemExit(f"plots.py: error: {metrics_path} holds no rows (nothing to plot)")
     method = str(config.get("method", run_dir.name))
     n = config.get("eval_n", 16)  # train.py logs mean@n as eval_mean_at_{n}
-    rows = read_jsonl(metrics_path)
     for r in rows:
         if f"eval_mean_at_{n}" in r:
             r[EVAL_KEY] = r[f"eval_mean_at_{n}"]
@@ -339,8 +352,12 @@ def main(argv: list[str] | None = None) -> None:
         args = p.parse_args(argv[1:])
         if not args.json_file.is_file():
             raise SystemExit(f"no such file: {args.json_file}")
-        data = json.loads(args.json_file.read_text())
-        fig = tree_figure(data) if argv[0] == "tree" else budget_figure(data)
+        data = read_json(args.json_file)
+        try:
+            fig = tree_figure(data) if argv[0] == "tree" else budget_figure(data)
+        except (KeyError, TypeError, ValueError) as e:
+            raise SystemExit(f"plots.py: error: {args.json_file} is not a {argv[0]} file "
+                             f"(eval.py writes them; {type(e).__name__}: {e})") from None
         print(save(fig, args.out or args.json_file.with_suffix(".png")))
         return
     p = argparse.ArgumentParser(prog="plots.py", description=__doc__,

@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
@@ -99,7 +100,10 @@ def resolve_checkpoint(path: Path) -> Path:
     if path.is_dir() and (path / "checkpoints" / "latest").is_file():
         path = path / "checkpoints" / "latest"
     if path.is_file() and path.name == "latest":
-        return path.parent / path.read_text().strip()
+        name = path.read_text().strip()
+        if not name or not (path.parent / name).is_dir():
+            raise SystemExit(f"{path} names {name!r}, which is not a checkpoint in {path.parent}")
+        return path.parent / name
     return path
 
 
@@ -110,7 +114,13 @@ def load_policy(model: str, dtype: torch.dtype = torch.float32
     directory first (`tiny.resolve_model`)."""
     path = resolve_checkpoint(Path(model).expanduser())
     if path.is_dir():
-        return PolicyWithValue.from_pretrained(path, dtype), AutoTokenizer.from_pretrained(str(path))
+        try:
+            return PolicyWithValue.from_pretrained(path, dtype), AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # empty, corrupt, cut short
+            where = "" if path == Path(model).expanduser() else f" {path}"
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise SystemExit(f"cannot load model {model!r}: checkpoint{where} is incomplete or "
+                             f"corrupt ({reason})") from None
     looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
     if not looks_like_hub_id:
         raise SystemExit(f"cannot load model {model!r}: no such local directory")

@@ -228,3 +228,31 @@ def test_threads_flag_sets_torch_threads_or_fails_in_one_line(tiny_test_model, t
         assert torch.get_num_threads() == 1 and summary["n_problems"] == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"limit": 0}, "--limit must be >= 1, got 0"), ({"limit": -1}, "--limit must be >= 1, got -1"),
+    ({"n": 0}, "--n must be >= 1, got 0"), ({"budget_tokens": (64, 0)}, "--budget-tokens must be >= 1"),
+    ({"temperature": -0.5}, "--temperature must be >= 0"),
+])
+def test_bad_values_are_refused_before_loading_the_model(tmp_path, flags, message):
+    # the checkpoint does not exist: a check that ran after loading would report that instead
+    with pytest.raises(SystemExit) as err:
+        ev.main(ev.Args(checkpoint=str(tmp_path / "missing"), out=tmp_path / "s.json", **flags))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_out_under_a_file_is_refused_before_loading_the_model(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="cannot create its directory"):
+        ev.main(ev.Args(checkpoint=str(tmp_path / "missing"), out=tmp_path / "file" / "s.json"))
+
+
+def test_run_dir_whose_latest_names_a_missing_step_says_so(tmp_path):
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "latest").write_text("step-000004\n")
+    with pytest.raises(SystemExit) as err:
+        ev.main(ev.Args(checkpoint=str(tmp_path / "run"), out=tmp_path / "s.json"))
+    assert "names 'step-000004', which is not a checkpoint" in str(err.value)
+    assert "no such local directory" not in str(err.value)

@@ -264,6 +264,27 @@ def test_search_figure_draws_the_gain_and_the_per_batch_search_metrics(tmp_path)
     np.testing.assert_allclose(y, [1.0, 0.875, 0.625, 0.375])
 
 
+def test_empty_metrics_is_a_one_line_error(tmp_path):
+    write_run(tmp_path / "run", "mcts", 0, [])
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit, match=r"^plots.py: error: .*metrics.jsonl holds no rows"):
+        plots.main([str(tmp_path / "run"), "--out", str(tmp_path / "figs")])
+    assert not (tmp_path / "figs").exists()
+
+
+def test_corrupt_json_inputs_are_one_line_errors(tmp_path):
+    write_run(tmp_path / "run", "mcts", 0, rows_for(0.0, 10))
+    (tmp_path / "run" / "config.json").write_text('{"method": "mc')  # cut short
+    with pytest.raises(SystemExit, match=r"^plots.py: error: cannot read .*config.json \("):
+        plots.load_run(tmp_path / "run")
+    for kind, text in (("tree", '{"children": [{"te'), ("budget", "[1, 2]"), ("budget", "{}")):
+        path = tmp_path / f"{kind}.json"
+        path.write_text(text)
+        with pytest.raises(SystemExit) as err:
+            plots.main([kind, str(path)])
+        assert str(err.value).startswith("plots.py: error: ") and "\n" not in str(err.value)
+
+
 def test_stability_figure_puts_the_guards_next_to_mean_at_16(tmp_path):
     rows = [{"step": s, "kl": 0.01 * s, "entropy": 1.0 - 0.1 * s, "train_format_rate": 1.0,
              "advantage_std": 0.5, "completion_len": 30 + s, "value_start": 0.1 * s,

@@ -1,5 +1,7 @@
 """Value head range/shapes, save -> load round trip, plain-HF loading, one-line load errors."""
 
+import shutil
+
 import pytest
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -125,3 +127,38 @@ def test_run_directory_and_latest_pointer_load_the_latest_checkpoint(tmp_path):
         for where in (tmp_path / "run", ckpts / "latest", ckpts / "step-000002"):
             loaded, _ = load_policy(str(where))
             torch.testing.assert_close(loaded(ids)[0], expected, rtol=0, atol=0)
+
+
+def _cut(name):
+    def cut(d):
+        data = (d / name).read_bytes()
+        (d / name).write_bytes(data[:len(data) // 2])
+    return cut
+
+
+@pytest.mark.parametrize("damage", [
+    lambda d: [p.unlink() for p in d.iterdir()],                    # an empty directory
+    lambda d: (d / "config.json").write_text('{"model_type": '),    # corrupt config.json
+    lambda d: (d / "model.safetensors").unlink(),                   # config without weights
+    _cut("model.safetensors"), _cut("value_head.safetensors"), _cut("tokenizer.json"),
+], ids=["empty", "corrupt-config", "no-weights", "cut-weights", "cut-value-head", "cut-tokenizer"])
+def test_broken_model_dir_is_one_line_error(tiny_test_model, tmp_path, damage):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_test_model, model)
+    damage(model)
+    with pytest.raises(SystemExit) as err:
+        load_policy(str(model))
+    text = str(err.value)
+    assert text.startswith(f"cannot load model {str(model)!r}: checkpoint is incomplete or corrupt (")
+    assert "\n" not in text
+
+
+@pytest.mark.parametrize("pointer", ["step-000009\n", ""])
+def test_latest_naming_no_checkpoint_is_one_line_error(tmp_path, pointer):
+    ckpts = tmp_path / "run" / "checkpoints"
+    random_policy().save_pretrained(ckpts / "step-000002", tokenizer=char_tokenizer())
+    (ckpts / "latest").write_text(pointer)
+    with pytest.raises(SystemExit) as err:
+        load_policy(str(tmp_path / "run"))
+    assert str(err.value) == (f"{ckpts / 'latest'} names {pointer.strip()!r}, which is not a "
+                              f"checkpoint in {ckpts}")
