@@ -4,9 +4,12 @@ a reader of the algorithm may skip. The blog runs Rust + gRPC + Redis; here:
 - weights: one copy of the policy's state dict in shared-memory CPU tensors and a version
   counter (the blog's Redis pub/sub): rank 0 publishes, generators load between work items;
 - trajectories: a queue of dicts of shared-memory tensors (the blog's Redis stream);
-- checkpoints: step-NNNNNN.tmp -> fsync -> rename, then an atomically replaced `latest` pointer;
+- checkpoints: step-NNNNNN.tmp -> fsync -> rename, then an atomically replaced `latest` pointer
+  (the previous checkpoint kept; never non-finite weights; never ahead of metrics.jsonl);
 - supervision: spawn the children, write their metric rows and events, show progress, and stop
-  everything (exit 1 with the child's traceback) when one fails, dies, or main is interrupted.
+  everything (exit 1 with the child's traceback) when one fails, dies or stops beating (a
+  heartbeat a second; --stall-timeout-s); the first SIGINT/SIGTERM checkpoints the current step
+  and exits 130, a second stops at once.
 
 A run directory holds config.json (the flags), metrics.jsonl (one row per step, and the eval
 rows), events.jsonl (process starts, weight syncs and publishes, checkpoints) and
@@ -22,9 +25,11 @@ sync delivers the published weights bit for bit); TREESEARCH_FAIL_AT=N makes gen
 when it queues its work item N (tests of failure handling).
 """
 
+import errno
 import hashlib
 import json
 import os
+import pickle
 import queue
 import shutil
 import signal
@@ -33,7 +38,10 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing import synchronize as mp_synchronize
+from multiprocessing import util as mp_util
 from pathlib import Path
 
 import torch
@@ -67,6 +75,9 @@ class Shared:
     log_q: object            # children -> main: metric rows and events
     err_q: object            # children -> main: (process name, traceback text)
     stop: object             # mp.Event: main asks the children to finish
+    finish: object           # mp.Event: a clean stop (SIGINT/SIGTERM): rank 0 checkpoints, then done
+    logged: object           # mp.Value: the last step main has written to metrics.jsonl
+    beats: object            # mp.Array: each child's last heartbeat (time.time())
     data_pos: object         # mp.Array: next work item of each generator (checkpointed)
     gen_tokens: object       # mp.Array: tokens sampled by each generator so far
     gen_busy: object         # mp.Array: seconds each generator spent producing trajectories
@@ -75,15 +86,22 @@ class Shared:
 
 
 def make_shared(policy: torch.nn.Module, version: int, queue_size: int,
-                data_position: list[int], generated_tokens: list[int]) -> Shared:
-    """The shared state of a run; one entry per generator in data_position / generated_tokens."""
+                data_position: list[int], generated_tokens: list[int], n_children: int,
+                logged: int) -> Shared:
+    """The shared state of a run; one entry per generator in data_position / generated_tokens,
+    one heartbeat per child; `logged`: the last step already in metrics.jsonl (-1: none)."""
     G = len(data_position)
+    # counters without a lock (one writer per entry): a child stopped or killed while holding
+    # one would block every reader
     return Shared(
         weights=share_weights(policy), version=CTX.Value("q", version), lock=CTX.Lock(),
         traj_q=CTX.Queue(maxsize=queue_size), log_q=CTX.Queue(), err_q=CTX.Queue(),
-        stop=CTX.Event(), data_pos=CTX.Array("q", data_position),
-        gen_tokens=CTX.Array("q", generated_tokens),
-        gen_busy=CTX.Array("d", G), gen_wait=CTX.Array("d", G), gen_sync=CTX.Array("d", G))
+        stop=CTX.Event(), finish=CTX.Event(), logged=CTX.Value("q", logged, lock=False),
+        beats=CTX.Array("d", n_children, lock=False),
+        data_pos=CTX.Array("q", data_position, lock=False),
+        gen_tokens=CTX.Array("q", generated_tokens, lock=False),
+        gen_busy=CTX.Array("d", G, lock=False), gen_wait=CTX.Array("d", G, lock=False),
+        gen_sync=CTX.Array("d", G, lock=False))
 
 
 def share_weights(policy: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -112,8 +130,15 @@ def load_shared_weights(sh: Shared, policy: torch.nn.Module) -> None:
         policy.load_state_dict(sh.weights)
 
 
+def all_finite(policy: torch.nn.Module) -> bool:
+    """No inf/NaN weight: checked before weights are published or checkpointed."""
+    return all(torch.isfinite(v).all() for v in policy.state_dict().values() if v.is_floating_point())
+
+
 def publish_weights(sh: Shared, policy: torch.nn.Module, version: int) -> None:
     """Rank 0 -> shared buffer, then bump the version the generators poll."""
+    if not all_finite(policy):
+        raise FloatingPointError(f"non-finite weights at step {version}: not published")
     with sh.lock:
         for k, v in policy.state_dict().items():
             sh.weights[k].copy_(v.detach())
@@ -160,15 +185,17 @@ def queue_trajectories(sh: Shared, g: int, trajs: list[dict], next_position: int
         sh.gen_wait[g] += time.perf_counter() - t0
 
 
-def next_batch(sh: Shared, size: int) -> list[dict] | None:
-    """`size` trajectories from the queue, or None when main asks to stop (timeouts keep the
-    trainer responsive to that)."""
+def next_batch(sh: Shared, size: int, give_up: Callable[[], bool] | None = None
+               ) -> list[dict] | None:
+    """`size` trajectories from the queue, or None when main asks to stop or, while the queue
+    is empty, `give_up()` says so (a time limit or a stop request that must hold even when no
+    step completes). Timeouts keep the trainer responsive to both."""
     batch = []
     while len(batch) < size:
         try:
             batch.append(sh.traj_q.get(timeout=1.0))
         except queue.Empty:
-            if sh.stop.is_set():
+            if sh.stop.is_set() or (give_up is not None and give_up()):
                 return None
     return batch
 
@@ -202,15 +229,27 @@ def _fsync_tree(path: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, policy, tokenizer, state: dict) -> Path:
-    """Atomic under kill -9: `latest` only ever names a fully written, renamed directory."""
+    """Atomic under kill -9: `latest` only ever names a fully written, renamed directory; the
+    previous checkpoint is kept until the next one is written. Non-finite weights are never
+    written (FloatingPointError); a full disk is one line, its partial .tmp dir removed."""
     ckpts = run_dir / "checkpoints"
     ckpts.mkdir(parents=True, exist_ok=True)
     name = f"step-{state['step']:06d}"
+    if not all_finite(policy):  # the run stops here; the last checkpoints stay as they were
+        raise FloatingPointError(f"non-finite weights at step {state['step']}: not checkpointed")
     tmp = ckpts / f"{name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp, tokenizer)
-    torch.save(state, tmp / "trainer_state.pt")
-    _fsync_tree(tmp)
+    try:
+        policy.save_pretrained(tmp, tokenizer)
+        torch.save(state, tmp / "trainer_state.pt")
+        _fsync_tree(tmp)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as "unexpected pos"
+        full = getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(ckpts).free < 2**20
+        shutil.rmtree(tmp, ignore_errors=True)  # else every later save (and resume) finds less room
+        if full:
+            raise SystemExit(f"no space left on device: checkpoint {name} not written to {ckpts} "
+                             "(the previous one is kept; free space, then --resume)") from None
+        raise
     final = ckpts / name
     shutil.rmtree(final, ignore_errors=True)  # a step saved twice (re-run after resume)
     os.replace(tmp, final)
@@ -219,19 +258,34 @@ def save_checkpoint(run_dir: Path, policy, tokenizer, state: dict) -> Path:
     _fsync_tree(pointer)
     os.replace(pointer, ckpts / "latest")
     _fsync_tree(ckpts)
-    for old in ckpts.iterdir():  # older steps and leftovers of killed writers
-        if old.name not in (name, "latest"):
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    steps = sorted(p.name for p in ckpts.glob("step-*") if ".tmp" not in p.name and p.name < name)
+    keep = {name, "latest", *steps[-1:]}  # the previous checkpoint too, in case this one is bad
+    remove_leftovers(ckpts, keep)
     return final
 
 
-def checkpoint(sh: Shared, run_dir: Path, policy, tokenizer, state: dict) -> None:
-    """Rank 0: the trainer's state plus the generators' data positions and token counts."""
+def remove_leftovers(ckpts: Path, keep: set[str] | None = None) -> None:
+    """Delete what killed or failed writers left (`*.tmp-PID`); given `keep`, also every other
+    entry not in it (older checkpoints)."""
+    for old in ckpts.iterdir() if ckpts.is_dir() else ():
+        if ".tmp-" in old.name or (keep is not None and old.name not in keep):
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+
+
+def checkpoint(sh: Shared, run_dir: Path, policy, tokenizer, state: dict) -> bool:
+    """Rank 0: the trainer's state plus the generators' data positions and token counts. Waits
+    until main has written the step's row, so no checkpoint is ever ahead of metrics.jsonl (a
+    resume after kill -9 of main loses no row) -> False if main asked to stop meanwhile."""
+    while sh.logged.value < state["step"]:
+        if sh.stop.is_set():
+            return False
+        time.sleep(0.05)
     state = {**state, "data_position": list(sh.data_pos[:]),
              "generated_tokens": list(sh.gen_tokens[:])}
     path = save_checkpoint(run_dir, policy, tokenizer, state)
     sh.log_q.put({"event": "checkpoint", "step": state["step"], "path": str(path),
                   "data_position": state["data_position"]})
+    return True
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path:
@@ -239,47 +293,65 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
     pointer = Path(run_dir) / "checkpoints" / "latest"
     if not pointer.is_file():
         raise SystemExit(f"train.py: error: no checkpoint to resume from in {run_dir} (missing {pointer})")
-    return pointer.parent / pointer.read_text().strip()
+    name = pointer.read_text().strip()
+    if not name or not (pointer.parent / name).is_dir():
+        raise SystemExit(f"train.py: error: {pointer} names {name!r}, which is not a checkpoint "
+                         f"in {pointer.parent}")
+    return pointer.parent / name
 
 
 def load_trainer_state(ckpt: Path) -> dict:
-    return torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    try:
+        return torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # missing, cut short
+        raise SystemExit(f"train.py: error: cannot read {ckpt / 'trainer_state.pt'} "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
-def keep_rows_until(path: Path, max_step: int) -> None:
-    """On resume, drop rows logged after the checkpoint we continue from (they will be redone)."""
-    if path.is_file():
-        rows = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= max_step]
-        path.write_text("".join(r + "\n" for r in rows))
+def keep_rows_until(path: Path, max_step: float) -> None:
+    """On resume, drop rows logged after the checkpoint we continue from (they will be redone),
+    and a line cut short (a crash or a full disk mid-write), with a warning."""
+    if not path.is_file():
+        return
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            print(f"train.py: warning: {path}:{i}: dropping a line cut short: {line[:60]!r}",
+                  file=sys.stderr)
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= max_step:
+            rows.append(line)
+    path.write_text("".join(r + "\n" for r in rows))
 
 
 # ------------------------------------------------------------------------------------------------
 # Supervision: spawn, log, stop
 
 
-def _exit_with_parent(parent: int) -> None:
-    """A child whose main process vanished (kill -9) exits instead of running on as an orphan."""
+def _heartbeat(parent: int, beats, i: int) -> None:
+    """Beat every second for main (a stopped or frozen child stops beating); a child whose main
+    process vanished (kill -9) exits instead of running on as an orphan."""
     while os.getppid() == parent:
+        beats[i] = time.time()
         time.sleep(1.0)
     os._exit(1)
 
 
-def _raise_interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt  # SIGTERM stops a run like Ctrl-C: children stopped, exit 130
-
-
-def _child(name: str, fn, threads: int, sh: Shared, fn_args: tuple) -> None:
+def _child(name: str, i: int, fn, threads: int, sh: Shared, fn_args: tuple) -> None:
     """Child entry point: its torch thread budget, no SIGINT (main stops us), errors -> main."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    threading.Thread(target=_heartbeat, args=(os.getppid(), sh.beats, i), daemon=True).start()
     torch.set_num_threads(threads)
     transformers.utils.logging.disable_progress_bar()
+    tqdm.set_lock(threading.RLock())  # even a disabled bar would create a named semaphore
     sh.log_q.put({"event": "start", "process": name, "pid": os.getpid()})
     try:
         fn(*fn_args)
-    except BaseException:  # noqa: BLE001 (any failure, even SystemExit, must reach main)
-        sh.err_q.put((name, traceback.format_exc()))
+    except BaseException as e:  # noqa: BLE001 (any failure, even SystemExit, must reach main)
+        one_line = isinstance(e, SystemExit) and isinstance(e.code, str)  # a message for the user
+        sh.err_q.put((name, e.code if one_line else traceback.format_exc()))
         sh.err_q.close()
         sh.err_q.join_thread()  # the report is in the pipe before we go
         # no interpreter teardown: native threads (torch, tokenizers) can abort it with SIGABRT
@@ -295,6 +367,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _failed(name: str, report: str) -> str:
+    """A child's report: a one-line message on the same line, a traceback below."""
+    report = report.rstrip()
+    sep = "\n" if "\n" in report else " "
+    return f"{name} failed:{sep}{report}"
+
+
 def _failure(procs: dict, sh: Shared, reports: dict[str, str]) -> str | None:
     """The root cause of a failed run: a child killed by a signal (whose peers then fail on its
     missing shared tensors) unless it reported a traceback before dying, else the first reported
@@ -308,20 +387,49 @@ def _failure(procs: dict, sh: Shared, reports: dict[str, str]) -> str | None:
     for name, p in procs.items():
         if p.exitcode is not None and p.exitcode < 0:
             if name in reports:
-                return f"{name} failed:\n{reports[name].rstrip()}"
+                return _failed(name, reports[name])
             return f"{name} died (killed by {signal.Signals(-p.exitcode).name})"
     if reports:
         name, tb = next(iter(reports.items()))
-        return f"{name} failed:\n{tb.rstrip()}"
+        return _failed(name, tb)
     for name, p in procs.items():
         if p.exitcode is None or (p.exitcode == 0 and name.startswith("trainer")):
             continue
         try:  # it may have reported just before exiting
             name, tb = sh.err_q.get(timeout=2.0)
-            return f"{name} failed:\n{tb.rstrip()}"
+            return _failed(name, tb)
         except queue.Empty:
             return f"{name} exited early (exit code {p.exitcode})"
     return None
+
+
+def _stalled(procs: dict, sh: Shared, t_start: float, timeout: float) -> str | None:
+    """A child alive but silent (no heartbeat for `timeout` s; start-up gets twice that)."""
+    now = time.time()
+    for i, (name, p) in enumerate(procs.items()):
+        last = sh.beats[i] or t_start + timeout
+        if p.is_alive() and now - last > timeout:
+            return (f"{name} stopped responding: no heartbeat for {now - last:.0f} s "
+                    f"(--stall-timeout-s {timeout}); stopped (SIGSTOP), frozen or swapped out?")
+    return None
+
+
+def _unlink_semaphores(sh: Shared) -> None:
+    """Once every child has opened them, the queues' and events' POSIX semaphores need no name in
+    /dev/shm (Linux keeps them while open): unlinked now, even kill -9 of the whole process group
+    leaves none behind, and no "leaked semaphore objects" warning is possible."""
+    def semlocks(obj, depth=0):
+        if isinstance(obj, mp_synchronize.SemLock):
+            yield obj
+        elif depth < 3 and hasattr(obj, "__dict__"):
+            for v in vars(obj).values():
+                yield from semlocks(v, depth + 1)
+    names = {lock._semlock.name for lock in semlocks(sh)} - {None}
+    for f in list(mp_util._finalizer_registry.values()):  # their unlink-at-exit: done here
+        if f._callback is mp_synchronize.SemLock._cleanup and f._args[0] in names:
+            f.cancel()
+    for name in names:
+        mp_synchronize.SemLock._cleanup(name)  # sem_unlink + forget it in the resource tracker
 
 
 def _stop(procs: dict, sh: Shared, grace: float) -> None:
@@ -341,14 +449,22 @@ def _stop(procs: dict, sh: Shared, grace: float) -> None:
 
 
 def supervise(children: dict[str, tuple], sh: Shared, out: Path, t_start: float, threads: int,
-              desc: str, time_limit_s: float, steps: int, start_step: int, eval_n: int) -> int:
+              desc: str, time_limit_s: float, steps: int, start_step: int, eval_n: int,
+              stall_timeout_s: float) -> int:
     """Start the children ({name: (function, its arguments)}), write their rows to
     metrics.jsonl and events to events.jsonl, show progress until a trainer reports done ->
-    0; a failed child -> 1 with its traceback; SIGINT / SIGTERM -> 130. Every exit path stops
-    the children."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    procs = {name: CTX.Process(target=_child, args=(name, fn, threads, sh, fn_args))
-             for name, (fn, fn_args) in children.items()}
+    0; a failed child, or one silent for stall_timeout_s -> 1 with its traceback or name; the
+    first SIGINT / SIGTERM -> the trainer checkpoints its current step, then 130; a second ->
+    130 at once. Every exit path stops the children."""
+    def on_signal(signum, frame) -> None:  # the first SIGINT/SIGTERM: checkpoint, then stop
+        if sh.finish.is_set():
+            raise KeyboardInterrupt  # the second: stop now
+        sh.finish.set()
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    tqdm.set_lock(threading.RLock())  # tqdm's default lock is a named (leakable) semaphore
+    procs = {name: CTX.Process(target=_child, args=(name, i, fn, threads, sh, fn_args))
+             for i, (name, (fn, fn_args)) in enumerate(children.items())}
     for p in procs.values():
         p.start()
     eval_key = f"eval_mean_at_{eval_n}"
@@ -359,7 +475,7 @@ def supervise(children: dict[str, tuple], sh: Shared, out: Path, t_start: float,
                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} " + ("s" if by_time else "steps")
                + " {postfix}")
     metrics, events = open(out / "metrics.jsonl", "a"), open(out / "events.jsonl", "a")  # noqa: SIM115
-    done = False
+    done, started, finish_by, msg = False, 0, 0.0, None
     reports: dict[str, str] = {}  # child name -> traceback it reported
     try:
         while True:
@@ -367,6 +483,10 @@ def supervise(children: dict[str, tuple], sh: Shared, out: Path, t_start: float,
                 msg = sh.log_q.get(timeout=0.5)
             except queue.Empty:
                 msg = None
+            if sh.finish.is_set() and not finish_by:
+                finish_by = time.time() + stall_timeout_s
+                tqdm.write("train.py: stopping: checkpointing the current step first "
+                           "(interrupt again to stop at once)")
             done = msg is not None and "done" in msg
             if done:
                 break
@@ -374,6 +494,7 @@ def supervise(children: dict[str, tuple], sh: Shared, out: Path, t_start: float,
                 row = msg["row"]
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
+                sh.logged.value = row["step"]  # a checkpoint of this step may be written now
                 if eval_key in row:
                     tqdm.write(f"step {row['step']}: mean@{eval_n} {row[eval_key]:.2%} "
                                f"± {row['eval_ci95']:.2%}, format {row['eval_format_rate']:.1%}")
@@ -385,7 +506,12 @@ def supervise(children: dict[str, tuple], sh: Shared, out: Path, t_start: float,
             elif msg is not None:
                 events.write(json.dumps({"wall_time": time.time() - t_start, **msg}) + "\n")
                 events.flush()
-            error = _failure(procs, sh, reports)
+                started += msg.get("event") == "start"
+                if started == len(procs) and msg.get("event") == "start":
+                    _unlink_semaphores(sh)  # every child holds them now
+            error = _failure(procs, sh, reports) or _stalled(procs, sh, t_start, stall_timeout_s)
+            if finish_by and time.time() > finish_by:
+                error = f"no checkpoint within --stall-timeout-s {stall_timeout_s} of the stop"
             if error:
                 bar.close()
                 print(f"train.py: error: {error}", file=sys.stderr)
@@ -394,11 +520,20 @@ def supervise(children: dict[str, tuple], sh: Shared, out: Path, t_start: float,
         bar.close()
         print("train.py: interrupted, stopping children", file=sys.stderr)
         return 130
+    except OSError as e:  # metrics.jsonl / events.jsonl: a full disk, a vanished directory
+        bar.close()
+        print(f"train.py: error: cannot write the logs in {out} ({e.strerror})", file=sys.stderr)
+        return 1
     finally:  # every exit path, including an error in main itself, stops the children
         _stop(procs, sh, grace=5.0 if done else 1.0)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         metrics.close()
         events.close()
     bar.close()
+    if finish_by:
+        print(f"train.py: interrupted: stopped at step {msg['done']} with a checkpoint", file=sys.stderr)
+        return 130
     return 0
 
 

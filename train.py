@@ -21,6 +21,7 @@ Process layout (spawn context):
 import copy
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -170,10 +171,14 @@ class Args:
     """run directory (default runs/<method>-seed<seed>)"""
     resume: str = ""
     """run directory to continue from its latest checkpoint (pass the same flags as the original run)"""
+    overwrite: bool = False
+    """start afresh in a non-empty --out: the checkpoints, metrics and events there are deleted"""
     seed: int = 0
     """seed of the data order, sampling and the trainers"""
     torch_threads: int = 1
     """torch threads per process (2-core box: 1 each)"""
+    stall_timeout_s: float = 120.0
+    """end the run when a child process shows no sign of life for this long (stopped, frozen)"""
     dry_run: bool = False
     """print the resolved config and exit without starting anything"""
 
@@ -226,8 +231,13 @@ def check_args(args: Args) -> None:
                  "checkpoint_every", "torch_threads"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.time_limit_min < 0:
-        fail(f"--time-limit-min must be >= 0, got {args.time_limit_min}")
+    for name in ("lr", "weight_decay", "c_ppo", "c_value", "c_kl", "temperature",
+                 "eval_temperature", "time_limit_min", "kl_warn"):
+        if not getattr(args, name) >= 0 or not math.isfinite(getattr(args, name)):  # NaN too
+            fail(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(args, name)}")
+    for name in ("max_grad_norm", "eps_high", "stall_timeout_s"):
+        if not getattr(args, name) > 0 or not math.isfinite(getattr(args, name)):
+            fail(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(args, name)}")
     if args.eval_every < 0:
         fail(f"--eval-every must be >= 0, got {args.eval_every}")
     if args.search_gain_problems < 0:
@@ -244,6 +254,8 @@ def check_args(args: Args) -> None:
              f"plus the rollout: needs >= mcts_k x max_step_tokens + max_new_tokens = {need}")
     if args.eval_problems > 820:
         fail(f"--eval-problems {args.eval_problems} exceeds the 820 test problems")
+    if args.resume and args.overwrite:
+        fail("--resume continues a run, --overwrite deletes it: pass one")
     if args.dry_run:
         return
     if args.preset == "blog" and not torch.cuda.is_available():
@@ -475,8 +487,13 @@ def train_step(model, ref: PolicyWithValue | None, opt, batch: dict, args: Args)
                                  f"policy {stats['policy_loss']}, value {stats['value_loss']}, kl {stats['kl']}")
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
-    opt.step()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    stats["grad_norm"] = grad_norm.item()
+    stats["skipped_step"] = float(not torch.isfinite(grad_norm))  # same on every DDP rank
+    if stats["skipped_step"]:  # an inf/NaN gradient would make every weight NaN: no update
+        opt.zero_grad(set_to_none=True)
+    else:
+        opt.step()
     return stats
 
 
@@ -519,13 +536,36 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
                 max_new_tokens=args.max_new_tokens, temperature=args.temperature))
         return row
 
+    def time_up() -> bool:
+        return 0 < args.time_limit_min * 60 <= time.time() - t_start
+
+    saved = step if resume_ckpt else -1
+
+    def checkpoint() -> None:  # after main has written this step's row (infra.checkpoint)
+        nonlocal saved
+        if infra.checkpoint(sh, Path(args.out), policy, tokenizer, {
+                "step": step, "optimizer": opt.state_dict(), "wall_time": wall(),
+                "rng": {"torch": torch.get_rng_state()}, "n_generators": args.n_generators}):
+            saved = step
+
     if rank == 0 and not resume_ckpt:  # mean@16 "before": no trajectory trained on yet
         sh.log_q.put({"row": {"step": step, "wall_time": wall(), "generated_tokens": 0,
                               **evaluate()}})
-    last, kl_warned = False, False
+    last, kl_warned, skipped = False, False, 0
     while not last:
-        batch = infra.next_batch(sh, per_rank)
-        if batch is None:  # main asked us to stop
+        # rank 0 honours the time limit and a stop request even when no step completes
+        give_up = (lambda: sh.finish.is_set() or time_up()) if rank == 0 else None
+        batch = infra.next_batch(sh, per_rank, give_up)
+        if batch is None:
+            if sh.stop.is_set():  # main asked us to stop
+                return
+            if not sh.finish.is_set():
+                sh.log_q.put({"event": "warning", "step": step, "message":
+                              "time limit reached while waiting for trajectories: "
+                              "stopped without the final eval"})
+            if saved != step:
+                checkpoint()
+            sh.log_q.put({"done": step})
             return
         data = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
         info = diagnostics.batch_info(batch)
@@ -542,17 +582,26 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
                   "train_format_rate": sum(formatted) / len(formatted),
                   **{k: stats[k] for k in ("policy_loss", "value_loss", "kl")},
                   "policy_lag": lag.mean().item(), "policy_lag_max": lag.max().item(),
-                  **{k: stats[k] for k in ("clip_frac", "grad_norm", *diagnostics.HEALTH)}, **info}
+                  **{k: stats[k] for k in ("clip_frac", "grad_norm", "skipped_step",
+                                           *diagnostics.HEALTH)}, **info}
         local = torch.tensor(list(logged.values()), device=device)
         dist.all_reduce(local)  # global-batch means for logging
         local /= args.n_trainers
         step += 1
-        # rank 0's clock decides the time limit, for every rank
-        time_up = infra.any_rank(rank == 0 and 0 < args.time_limit_min * 60 <= time.time() - t_start,
-                                 device)
-        last = step == args.steps or time_up
+        # rank 0's clock (and a stop request) decides the end, for every rank
+        stopping = infra.any_rank(rank == 0 and (time_up() or sh.finish.is_set()), device)
+        last = step == args.steps or stopping
+        if infra.CHECKSUMS:  # every rank: DDP must leave the ranks' weights identical
+            sh.log_q.put({"event": "weights", "rank": rank, "step": step,
+                          "checksum": infra.weights_checksum(policy.state_dict())})
         if rank != 0:
             continue
+        if stats["skipped_step"]:
+            skipped += 1
+            message = (f"non-finite gradient norm at step {step}: update skipped ({skipped} "
+                       f"skipped so far; lower --lr / --max-grad-norm?)")
+            print(f"train.py: warning: {message}", file=sys.stderr, flush=True)
+            sh.log_q.put({"event": "warning", "step": step, "message": message})
         if step % args.sync_every == 0:
             infra.publish_weights(sh, policy, step)
         row = dict(zip(logged, local.tolist()))
@@ -562,17 +611,26 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
                        f"{step}: the policy is drifting (lower --lr / --max-grad-norm?)")
             print(f"train.py: warning: {message}", file=sys.stderr, flush=True)
             sh.log_q.put({"event": "warning", "step": step, "message": message})
-        row.update(step=step, wall_time=wall(), lr=opt.param_groups[0]["lr"],
+        row.update(step=step, wall_time=wall(), skipped_steps=skipped, lr=opt.param_groups[0]["lr"],
                    **infra.generator_stats(sh))
-        if last or (args.eval_every and step % args.eval_every == 0):
-            row.update(evaluate())
+        if not sh.finish.is_set() and (last or (args.eval_every and step % args.eval_every == 0)):
+            row.update(evaluate())  # (a signal's stop skips it: checkpoint first)
         sh.log_q.put({"row": row})
         if last or step % args.checkpoint_every == 0:
-            infra.checkpoint(sh, Path(args.out), policy, tokenizer, {
-                "step": step, "optimizer": opt.state_dict(), "wall_time": wall(),
-                "rng": {"torch": torch.get_rng_state()}, "n_generators": args.n_generators})
+            checkpoint()
     if rank == 0:
         sh.log_q.put({"done": step})
+
+
+RUN_FILES = ("checkpoints", "metrics.jsonl", "events.jsonl", "config.json")  # what a run writes
+
+
+def _prefixed(load, *args):
+    """value_head's one-line load errors as train.py's."""
+    try:
+        return load(*args)
+    except SystemExit as e:
+        raise SystemExit(f"train.py: error: {e}") from None
 
 
 def run(args: Args) -> int:
@@ -587,31 +645,45 @@ def run(args: Args) -> int:
         return 0
     transformers.utils.logging.disable_progress_bar()
     out = Path(args.out)
+    if not args.resume and out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        what = "holds a run" if (out / "checkpoints" / "latest").exists() else "is not empty"
+        raise SystemExit(f"train.py: error: {out} {what}; pass --resume {out} to continue it, "
+                         "--overwrite to start afresh, or another --out")
     model = tiny.resolve_model(args.model)  # --model tiny: built on first use (minutes, once)
     state, resume_ckpt, G = None, "", args.n_generators
     if args.resume:
         ckpt = infra.latest_checkpoint(out)
         state, resume_ckpt = infra.load_trainer_state(ckpt), str(ckpt)
-        saved = json.loads((out / "config.json").read_text())
+        try:
+            saved = json.loads((out / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"train.py: error: cannot read {out / 'config.json'} ({e})") from None
         for key in ("method", "model", "n_generators"):
             if saved[key] != getattr(args, key):
                 raise SystemExit(f"train.py: error: --{key.replace('_', '-')} {getattr(args, key)!r} "
                                  f"differs from the run being resumed ({saved[key]!r})")
         if state["step"] >= args.steps:
             raise SystemExit(f"train.py: error: {out} is already at step {state['step']} >= --steps {args.steps}")
-        policy = PolicyWithValue.from_pretrained(ckpt)
+        policy, _ = _prefixed(load_policy, str(ckpt))
         infra.keep_rows_until(out / "metrics.jsonl", state["step"])
+        infra.keep_rows_until(out / "events.jsonl", math.inf)  # only a line cut short goes
     else:
-        if (out / "checkpoints" / "latest").exists():
-            raise SystemExit(f"train.py: error: {out} already holds a run; pass --resume {out} or another --out")
-        policy, _ = load_policy(model)
-    out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite:
+            for name in RUN_FILES:
+                shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+        policy, _ = _prefixed(load_policy, model)
+    infra.remove_leftovers(out / "checkpoints")  # of a writer killed or out of disk space
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"train.py: error: cannot create --out {out} ({e.strerror})") from None
     (out / "config.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
     args = replace(args, model=model)  # config.json keeps "tiny"; the children load the directory
     start_step = state["step"] if state else 0
     sh = infra.make_shared(policy, version=start_step, queue_size=2 * traj_per_step(args),
                            data_position=state["data_position"] if state else [0] * G,
-                           generated_tokens=state["generated_tokens"] if state else [0] * G)
+                           generated_tokens=state["generated_tokens"] if state else [0] * G,
+                           n_children=G + args.n_trainers, logged=start_step if state else -1)
     del policy
     train, test = countdown.make_splits()  # fixed dataset; --seed changes order and sampling
     port, t_start = infra.free_port(), time.time()
@@ -621,7 +693,8 @@ def run(args: Args) -> int:
                  for r in range(args.n_trainers)}
     rc = infra.supervise(children, sh, out, t_start, threads=args.torch_threads,
                          desc=f"{args.method} training", time_limit_s=args.time_limit_min * 60,
-                         steps=args.steps, start_step=start_step, eval_n=args.eval_n)
+                         steps=args.steps, start_step=start_step, eval_n=args.eval_n,
+                         stall_timeout_s=args.stall_timeout_s)
     if rc == 0:
         infra.print_summary(out, args.eval_n, args.eval_problems)
     return rc

@@ -1,9 +1,11 @@
 """train.py: pure helpers checked by hand, then short end-to-end runs of the process pipeline
 (generators -> queue -> DDP trainer -> weight sync) on the test-size tiny model."""
 
+import errno
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,12 +83,17 @@ def check_run(run_dir: Path, model: str, steps: int, method: str,
     events = read_jsonl(run_dir / "events.jsonl")
     published = {e["version"]: e["checksum"] for e in events if e["event"] == "publish"}
     assert sorted(published) == list(range(1, steps + 1))  # --sync-every 1
-    syncs = [e for e in events if e["event"] == "sync"]
-    versions = [e["version"] for e in syncs]
-    assert versions == sorted(versions) and versions[0] == 0 and versions[-1] >= 1
-    for e in syncs[1:]:
-        assert e["checksum"] == published[e["version"]]
+    for g in range(config["n_generators"]):  # each generator goes forward from the start model
+        versions = [e["version"] for e in events if e["event"] == "sync" and e["generator"] == g]
+        assert versions == sorted(versions) and versions[0] == 0 and versions[-1] >= 1, g
+    for e in events:
+        if e["event"] == "sync" and e["version"] > 0:
+            assert e["checksum"] == published[e["version"]]
     assert len(set(published.values())) == steps  # every step moved the weights
+    # DDP: after every step every rank holds the weights rank 0 published, bit for bit
+    ranks = {(e["rank"], e["step"]): e["checksum"] for e in events if e["event"] == "weights"}
+    assert ranks == {(r, s): published[s] for r in range(config["n_trainers"])
+                     for s in range(1, steps + 1)}
     return rows
 
 
@@ -188,7 +195,11 @@ def test_checksum_is_exact_and_order_independent():
     assert infra.weights_checksum(sd) != infra.weights_checksum(nudged)
 
 
-class _FakePolicy:
+class _FakePolicy(torch.nn.Module):
+    def __init__(self, weight: float = 0.0):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((2,), weight))
+
     def save_pretrained(self, path, tokenizer=None):
         Path(path).mkdir(parents=True, exist_ok=True)
         (Path(path) / "model.safetensors").write_text("weights")
@@ -203,8 +214,97 @@ def test_checkpoint_pointer_survives_a_killed_writer(tmp_path):
     assert infra.latest_checkpoint(tmp_path) == ckpts / "step-000004"
     assert infra.load_trainer_state(ckpts / "step-000004")["step"] == 4
     infra.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 8})
-    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000008"]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000004", "step-000008"]
     assert infra.latest_checkpoint(tmp_path) == ckpts / "step-000008"
+    infra.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 12})  # the last two are kept
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000008", "step-000012"]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_never_checkpointed(tmp_path, bad):
+    infra.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 2})
+    infra.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 4})
+    with pytest.raises(FloatingPointError, match="non-finite weights at step 6: not checkpointed"):
+        infra.save_checkpoint(tmp_path, _FakePolicy(bad), None, {"step": 6})
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000002", "step-000004"]
+    assert infra.latest_checkpoint(tmp_path) == ckpts / "step-000004"
+
+
+def test_non_finite_gradient_norm_skips_the_update(tiny_test_model):
+    """A NaN gradient (what --lr 1e6 produces a step or two in) must leave every weight and the
+    optimizer untouched, and say so in the step's stats."""
+    from value_head import load_policy
+
+    policy, tok = load_policy(str(tiny_test_model))
+    a = train.trajectory([5, 6, 7], [8, 9], [-0.5, -1.5], 1.0, float("nan"), 0)
+    b = train.trajectory([5], [4, 3, 2], [-1.0, -2.0, -3.0], -1.0, 0.5, 0)
+    batch = train.collate([a, b], tok.pad_token_id)
+    args = train.Args(c_kl=0.0)
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    stats = train.train_step(policy, None, opt, batch, args)  # a healthy step moves the weights
+    assert stats["skipped_step"] == 0.0 and math.isfinite(stats["grad_norm"])
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    hook = policy.lm.get_input_embeddings().weight.register_hook(lambda g: g * float("nan"))
+    stats = train.train_step(policy, None, opt, batch, args)
+    assert stats["skipped_step"] == 1.0 and math.isnan(stats["grad_norm"])
+    assert all(torch.equal(v, before[k]) for k, v in policy.state_dict().items())
+    assert {float(s["step"]) for s in opt.state.values()} == {1.0}  # AdamW did not count it
+    hook.remove()
+    assert train.train_step(policy, None, opt, batch, args)["skipped_step"] == 0.0
+    assert infra.all_finite(policy)
+
+
+@pytest.mark.parametrize("error", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),  # torch.save
+])
+def test_full_disk_is_one_line_and_leaves_no_partial_checkpoint(tmp_path, monkeypatch, error):
+    infra.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 4})
+
+    def full_disk(state, path):  # writes part of the file, then the disk is full
+        Path(path).write_bytes(b"partial")
+        raise error
+    monkeypatch.setattr(infra.torch, "save", full_disk)
+    monkeypatch.setattr(infra.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    with pytest.raises(SystemExit) as err:
+        infra.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 6})
+    assert str(err.value).startswith("no space left on device: checkpoint step-000006 not written")
+    ckpts = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000004"]  # no .tmp left
+    assert infra.latest_checkpoint(tmp_path) == ckpts / "step-000004"
+
+
+def test_leftovers_of_killed_writers_are_removed(tmp_path):
+    infra.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 4})
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / "step-000006.tmp-999").mkdir()
+    (ckpts / "latest.tmp-999").write_text("step-000006\n")
+    infra.remove_leftovers(ckpts)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000004"]
+
+
+def test_resume_drops_a_metrics_line_cut_short_with_a_warning(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 0, "eval": 1}\n{"step": 4}\n{"step": 5}\n{"step": 7')
+    infra.keep_rows_until(path, 4)
+    assert read_jsonl(path) == [{"step": 0, "eval": 1}, {"step": 4}]
+    assert path.read_text().endswith("}\n")  # rows appended next start on a line of their own
+    err = capsys.readouterr().err
+    assert err == f"train.py: warning: {path}:4: dropping a line cut short: '{{\"step\": 7'\n"
+
+
+def test_a_non_empty_out_needs_resume_or_overwrite(tiny_test_model, tmp_path):
+    out = tmp_path / "run"  # a run stopped before its first checkpoint: rows, no `latest`
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 0}\n')
+    (out / "notes.txt").write_text("mine")
+    flags = ["--model", str(tiny_test_model), "--out", str(out), "--steps", "1"]
+    with pytest.raises(SystemExit, match=f"^train.py: error: {out} is not empty; pass --resume"):
+        train.run(train.parse_args(flags))
+    with pytest.raises(SystemExit, match="--resume continues a run, --overwrite deletes it"):
+        train.check_args(train.parse_args([*flags, "--overwrite", "--resume", str(out)]))
+    assert (out / "metrics.jsonl").read_text() == '{"step": 0}\n'
 
 
 def test_no_checkpoint_is_a_one_line_error(tmp_path):
@@ -243,6 +343,9 @@ def test_blog_preset_dry_run_prints_config_without_starting(tmp_path, capsys):
     (["--preset", "blog", "--dry-run", "--method", "cispo", "--n-trainers", "3"],
      "cispo_groups x group_size = 2048 is not divisible"),
     (["--steps", "0"], "--steps must be >= 1"),
+    (["--lr", "-1"], "--lr must be a finite number >= 0, got -1.0"),
+    (["--lr", "nan"], "--lr must be a finite number >= 0, got nan"),
+    (["--max-grad-norm", "0"], "--max-grad-norm must be a finite number > 0"),
     # default mcts_k 4 x max_step_tokens 32 + max_new_tokens 96 = 224
     (["--mcts-max-tree-tokens", "200"], "needs >= mcts_k x max_step_tokens + max_new_tokens = 224"),
 ])
@@ -251,6 +354,44 @@ def test_invalid_combination_is_one_line_error(flags, message):
         train.check_args(train.parse_args(flags))
     assert str(e.value).startswith("train.py: error: ") and "\n" not in str(e.value)
     assert message in str(e.value)
+
+
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: (r / "checkpoints" / "latest").write_text("step-000009\n"),
+     "names 'step-000009', which is not a checkpoint"),
+    (lambda r: (r / "checkpoints" / "latest").write_text(""), "names '', which is not a checkpoint"),
+    (lambda r: _cut(r / "checkpoints" / "step-000004" / "model.safetensors"), "incomplete or corrupt"),
+    (lambda r: _cut(r / "checkpoints" / "step-000004" / "config.json"), "incomplete or corrupt"),
+    (lambda r: _cut(r / "checkpoints" / "step-000004" / "trainer_state.pt"),
+     str(Path("step-000004") / "trainer_state.pt (")),
+    (lambda r: _cut(r / "config.json"), "cannot read"),
+], ids=["latest-missing-step", "latest-empty", "cut-weights", "cut-model-config",
+        "cut-trainer-state", "cut-run-config"])
+def test_resume_from_a_broken_checkpoint_is_one_line_error(tiny_test_model, tmp_path, damage,
+                                                           message):
+    from value_head import load_policy
+
+    run_dir = tmp_path / "run"
+    policy, tok = load_policy(str(tiny_test_model))
+    infra.save_checkpoint(run_dir, policy, tok, {"step": 4})
+    args = train.parse_args(["--model", str(tiny_test_model), "--resume", str(run_dir)])
+    (run_dir / "config.json").write_text(json.dumps(train.asdict(args)))
+    damage(run_dir)
+    with pytest.raises(SystemExit) as err:
+        train.run(args)
+    assert str(err.value).startswith("train.py: error: ") and "\n" not in str(err.value)
+    assert message in str(err.value)
+
+
+def test_out_under_a_file_is_one_line_error(tiny_test_model, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="^train.py: error: cannot create --out .*Not a directory"):
+        train.run(train.parse_args(["--model", str(tiny_test_model), "--out",
+                                    str(tmp_path / "file" / "run")]))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the blog preset may run on a GPU box")
@@ -317,6 +458,17 @@ def test_mcts_end_to_end(tiny_test_model, tmp_path):
             assert row["eval_search_gain"] == pytest.approx(
                 row["eval_search_reward"] - row["eval_sample_reward"])
             assert 0 <= row["eval_search_success"] <= 1
+
+
+@pytest.mark.timeout(300)
+def test_two_trainers_two_generators_end_to_end(tiny_test_model, tmp_path):
+    """The blog's process shape (Nt DDP trainers, Ng generators), checked with the checksums:
+    identical weights on both ranks after every step, every generator synced to published ones."""
+    out = tmp_path / "ddp"
+    r = run_train(*small_flags(str(tiny_test_model), out, steps=6), "--n-trainers", "2",
+                  "--n-generators", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    check_run(out, str(tiny_test_model), 6, "mcts")
 
 
 @pytest.mark.slow
@@ -416,7 +568,8 @@ def test_stopping_main_leaves_no_children(tiny_test_model, tmp_path, sig, code):
     """SIGTERM stops like Ctrl-C (children stopped, exit 130); after kill -9 of main the children
     notice their parent is gone and exit instead of running on as orphans."""
     out = tmp_path / "stop"
-    proc = subprocess.Popen([sys.executable, "train.py", *small_flags(str(tiny_test_model), out, 500)],
+    proc = subprocess.Popen([sys.executable, "train.py", *small_flags(str(tiny_test_model), out, 500),
+                             "--checkpoint-every", "1000"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         pids = []
@@ -429,7 +582,7 @@ def test_stopping_main_leaves_no_children(tiny_test_model, tmp_path, sig, code):
             time.sleep(0.5)
         assert len(pids) == 2, "training never started"
         proc.send_signal(sig)
-        proc.communicate(timeout=30)
+        _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -438,6 +591,107 @@ def test_stopping_main_leaves_no_children(tiny_test_model, tmp_path, sig, code):
     while time.time() < deadline and any(map(_alive, pids)):
         time.sleep(0.5)
     assert not any(map(_alive, pids))
+    assert "leaked semaphore" not in stderr
+    if sig == signal.SIGTERM:  # a clean stop: the last logged step is checkpointed
+        last = max(r["step"] for r in read_jsonl(out / "metrics.jsonl"))
+        assert trainer_state(out)["step"] == last and "stopped at step" in stderr
+
+
+def _rows(path: Path) -> list[dict]:
+    """The complete lines of a JSONL file a running process is writing."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass
+    return rows
+
+
+def start_run(out: Path, *flags: str, until: str = "train_reward", **popen) -> tuple:
+    """Start train.py and wait until `until` is in a metrics row, or is a process that has
+    started -> (the process, {process name: pid})."""
+    proc = subprocess.Popen([sys.executable, "train.py", *flags], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+    deadline = time.time() + 200
+    while time.time() < deadline and proc.poll() is None:
+        pids = {e["process"]: e["pid"] for e in _rows(out / "events.jsonl") if e["event"] == "start"}
+        if until in pids or any(until in r for r in _rows(out / "metrics.jsonl")):
+            return proc, pids
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"training never started: {proc.communicate()[1][-3000:]}")
+
+
+def _ended(proc, timeout: float) -> str:
+    try:
+        return proc.communicate(timeout=timeout)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.mark.timeout(300)
+def test_a_stopped_generator_ends_the_run(tiny_test_model, tmp_path):
+    out = tmp_path / "stall"
+    proc, pids = start_run(out, *small_flags(str(tiny_test_model), out, 500),
+                           "--stall-timeout-s", "10")
+    os.kill(pids["generator-0"], signal.SIGSTOP)
+    stderr = _ended(proc, 120)
+    assert proc.returncode == 1, stderr[-3000:]
+    assert "train.py: error: generator-0 stopped responding: no heartbeat for" in stderr
+
+
+@pytest.mark.timeout(300)
+def test_the_time_limit_holds_when_no_step_completes(tiny_test_model, tmp_path):
+    """Generator 0 stopped before it produced anything: no step ever completes, yet the run ends
+    at --time-limit-min with a checkpoint (of step 0)."""
+    out = tmp_path / "limit"
+    proc, pids = start_run(out, *small_flags(str(tiny_test_model), out, 500),
+                           "--time-limit-min", "0.5", "--stall-timeout-s", "600", until="generator-0")
+    os.kill(pids["generator-0"], signal.SIGSTOP)
+    stderr = _ended(proc, 200)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert not any("train_reward" in r for r in read_jsonl(out / "metrics.jsonl"))
+    assert trainer_state(out)["step"] == 0
+    assert any("time limit reached while waiting" in e.get("message", "")
+               for e in read_jsonl(out / "events.jsonl"))
+
+
+@pytest.mark.timeout(300)
+def test_a_checkpoint_is_never_ahead_of_the_log(tiny_test_model, tmp_path):
+    """Main stopped (as good as dead for the log) while the trainer goes on: no checkpoint may
+    hold steps metrics.jsonl lacks, or a resume after kill -9 of main loses their rows."""
+    out = tmp_path / "ahead"
+    flags = [*small_flags(str(tiny_test_model), out, 500), "--checkpoint-every", "1"]
+    proc, _ = start_run(out, *flags)
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        logged = max(r["step"] for r in read_jsonl(out / "metrics.jsonl"))
+        time.sleep(15)  # without the guard the trainer checkpoints several steps meanwhile
+        ckpts = [int(p.name[5:]) for p in (out / "checkpoints").glob("step-*") if ".tmp" not in p.name]
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate()
+    assert max(ckpts) <= logged
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="POSIX semaphores live in /dev/shm")
+def test_killing_the_process_group_leaks_no_semaphores(tiny_test_model, tmp_path):
+    out = tmp_path / "group"
+    proc, pids = start_run(out, *small_flags(str(tiny_test_model), out, 500), start_new_session=True)
+    held = set()  # the named semaphores our processes have open
+    for pid in [proc.pid, *pids.values()]:
+        held |= {line.split("/dev/shm/")[1].split()[0] for line in
+                 Path(f"/proc/{pid}/maps").read_text().splitlines() if "/dev/shm/sem." in line}
+    assert held  # the queues', events' and counters' locks
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert {name for name in held if (Path("/dev/shm") / name).exists()} == set()
+
 
 
 @pytest.mark.slow
