@@ -17,6 +17,14 @@ def batch_info(batch: list[dict]) -> dict[str, float]:
     return {k: sum(b["info"][k] for b in batch) / len(batch) for k in keys}
 
 
+def batch_format(batch: list[dict], tokenizer) -> tuple[float, str]:
+    """The share of the batch's completions that are well formatted, and the first malformed one
+    ("" if none): a falling format rate is the first sign of a diverging policy."""
+    texts = [tokenizer.decode(b["tokens"], skip_special_tokens=True) for b in batch]
+    formatted = [countdown.is_well_formatted(t) for t in texts]
+    return sum(formatted) / len(formatted), next((t for t, ok in zip(texts, formatted) if not ok), "")
+
+
 HEALTH = ("entropy", "advantage_std", "value_mean", "value_start", "reward_std",
           "completion_len", "logp_gap")
 

@@ -208,6 +208,12 @@ def generator_stats(sh: Shared) -> dict:
             "gen_busy_s": busy, "gen_wait_s": waited, "gen_sync_s": synced}
 
 
+def warn(sh: Shared, step: int, message: str) -> None:
+    """A warning the user sees now (stderr) and finds later (events.jsonl)."""
+    print(f"train.py: warning: {message}", file=sys.stderr, flush=True)
+    sh.log_q.put({"event": "warning", "step": step, "message": message})
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every trainer when it is True on any (e.g. rank 0's clock ends the run for all)."""
     t = torch.tensor([float(flag)], device=device)

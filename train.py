@@ -569,17 +569,15 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
             return
         data = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
         info = diagnostics.batch_info(batch)
-        texts = [tokenizer.decode(b["tokens"], skip_special_tokens=True) for b in batch]
-        formatted = [countdown.is_well_formatted(t) for t in texts]
-        if rank == 0 and not all(formatted) and step % 10 == 0:  # what malformed answers look like
-            sh.log_q.put({"event": "malformed", "step": step,
-                          "text": texts[formatted.index(False)][-300:]})
+        format_rate, malformed = diagnostics.batch_format(batch, tokenizer)
+        if rank == 0 and malformed and step % 10 == 0:  # what malformed answers look like
+            sh.log_q.put({"event": "malformed", "step": step, "text": malformed[-300:]})
         for group in opt.param_groups:  # derived from the step: a resumed run continues it
             group["lr"] = lr_at(step, args)
         stats = train_step(model, ref, opt, data, args)
         lag = (step - data["versions"][data["policy_rows"]]).float()  # trainer - generating version
         logged = {"train_reward": data["rewards"][data["policy_rows"]].mean().item(),
-                  "train_format_rate": sum(formatted) / len(formatted),
+                  "train_format_rate": format_rate,
                   **{k: stats[k] for k in ("policy_loss", "value_loss", "kl")},
                   "policy_lag": lag.mean().item(), "policy_lag_max": lag.max().item(),
                   **{k: stats[k] for k in ("clip_frac", "grad_norm", "skipped_step",
@@ -598,19 +596,16 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
             continue
         if stats["skipped_step"]:
             skipped += 1
-            message = (f"non-finite gradient norm at step {step}: update skipped ({skipped} "
-                       f"skipped so far; lower --lr / --max-grad-norm?)")
-            print(f"train.py: warning: {message}", file=sys.stderr, flush=True)
-            sh.log_q.put({"event": "warning", "step": step, "message": message})
+            infra.warn(sh, step, f"non-finite gradient norm at step {step}: update skipped "
+                                 f"({skipped} skipped so far; lower --lr / --max-grad-norm?)")
         if step % args.sync_every == 0:
             infra.publish_weights(sh, policy, step)
         row = dict(zip(logged, local.tolist()))
         if args.kl_warn and row["kl"] > args.kl_warn and not kl_warned:  # once per run
             kl_warned = True
-            message = (f"KL to the start model {row['kl']:.3f} > --kl-warn {args.kl_warn} at step "
-                       f"{step}: the policy is drifting (lower --lr / --max-grad-norm?)")
-            print(f"train.py: warning: {message}", file=sys.stderr, flush=True)
-            sh.log_q.put({"event": "warning", "step": step, "message": message})
+            infra.warn(sh, step, f"KL to the start model {row['kl']:.3f} > --kl-warn {args.kl_warn} "
+                                 f"at step {step}: the policy is drifting (lower --lr / "
+                                 "--max-grad-norm?)")
         row.update(step=step, wall_time=wall(), skipped_steps=skipped, lr=opt.param_groups[0]["lr"],
                    **infra.generator_stats(sh))
         if not sh.finish.is_set() and (last or (args.eval_every and step % args.eval_every == 0)):

@@ -732,3 +732,14 @@ def test_health_stats_by_hand():
     assert h["completion_len"] == 1.5
     # |logp - old|: row 0 |-1.5 + 1| and |-2 + 2|, row 1 |-0.25 + 0.5|
     assert h["logp_gap"] == pytest.approx((0.5 + 0.0 + 0.25) / 3)
+
+
+def test_batch_format_rate_and_first_malformed_answer():
+    from fakes import CharTokenizer
+
+    texts = ["1+2=3</step><answer>1+2</answer>", "<answer>(1+2</answer>", "<answer>3*4)</answer>",
+             "<answer>7</answer>"]
+    batch = [train.trajectory([1], [ord(c) for c in t], [0.0] * len(t), 0.0, 0.0, 0) for t in texts]
+    rate, malformed = diagnostics.batch_format(batch, CharTokenizer())
+    assert rate == 0.5 and malformed == "<answer>(1+2</answer>"
+    assert diagnostics.batch_format(batch[:1], CharTokenizer()) == (1.0, "")
