@@ -25,6 +25,22 @@ def batch_format(batch: list[dict], tokenizer) -> tuple[float, str]:
     return sum(formatted) / len(formatted), next((t for t, ok in zip(texts, formatted) if not ok), "")
 
 
+def step_metrics(stats: dict, data: dict, batch: list[dict], tokenizer, step: int
+                 ) -> tuple[dict[str, float], str]:
+    """One trainer step's logged numbers, before the mean over ranks: the policy rows' reward and
+    format rate, the losses, policy lag (trainer step minus the weight version that generated a
+    row), clip share, gradient norm, health, and the items' own numbers -> (those, the first
+    malformed completion or "")."""
+    rows = data["policy_rows"]
+    format_rate, malformed = batch_format(batch, tokenizer)
+    lag = (step - data["versions"][rows]).float()
+    return {"train_reward": data["rewards"][rows].mean().item(), "train_format_rate": format_rate,
+            **{k: stats[k] for k in ("policy_loss", "value_loss", "kl")},
+            "policy_lag": lag.mean().item(), "policy_lag_max": lag.max().item(),
+            **{k: stats[k] for k in ("clip_frac", "grad_norm", "skipped_step", *HEALTH)},
+            **batch_info(batch)}, malformed
+
+
 HEALTH = ("entropy", "advantage_std", "value_mean", "value_start", "reward_std",
           "completion_len", "logp_gap")
 
@@ -50,7 +66,6 @@ def health_stats(logits, logp, values, advantages, batch: dict) -> dict[str, flo
             "reward_std": batch["rewards"][rows].std().item() if rows.sum() > 1 else 0.0,
             "completion_len": mask[rows].sum(1).mean().item(),
             "logp_gap": mean((logp - batch["old_logprobs"]).abs())}
-
 
 
 def search_gain(sampler, problems: list, cfg: mcts.MCTSConfig, n: int, max_new_tokens: int,

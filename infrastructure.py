@@ -28,6 +28,7 @@ when it queues its work item N (tests of failure handling).
 import errno
 import hashlib
 import json
+import math
 import os
 import pickle
 import queue
@@ -214,6 +215,43 @@ def warn(sh: Shared, step: int, message: str) -> None:
     sh.log_q.put({"event": "warning", "step": step, "message": message})
 
 
+class Alarms:
+    """The trainer's warnings: every skipped update, and the first time the k3 KL to the start
+    model passes `kl_warn` (0: never)."""
+
+    def __init__(self, kl_warn: float):
+        self.kl_warn, self.kl_warned, self.skipped = kl_warn, False, 0
+
+    def check(self, sh: Shared, step: int, skipped_step: float, kl: float) -> None:
+        if skipped_step:
+            self.skipped += 1
+            warn(sh, step, f"non-finite gradient norm at step {step}: update skipped "
+                           f"({self.skipped} skipped so far; lower --lr / --max-grad-norm?)")
+        if self.kl_warn and kl > self.kl_warn and not self.kl_warned:
+            self.kl_warned = True
+            warn(sh, step, f"KL to the start model {kl:.3f} > --kl-warn {self.kl_warn} at step "
+                           f"{step}: the policy is drifting (lower --lr / --max-grad-norm?)")
+
+
+def global_means(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """The values averaged over the trainer ranks (every rank must call it): global-batch means."""
+    t = torch.tensor(list(values.values()), device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(values, t.tolist()))
+
+
+def restore_trainer(ckpt: str, opt: torch.optim.Optimizer) -> tuple[int, float]:
+    """A resumed trainer's optimizer state and RNG from checkpoint `ckpt` -> (its step, its wall
+    time); (0, 0.0) for a fresh run (ckpt "")."""
+    if not ckpt:
+        return 0, 0.0
+    state = load_trainer_state(Path(ckpt))
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return state["step"], state["wall_time"]
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every trainer when it is True on any (e.g. rank 0's clock ends the run for all)."""
     t = torch.tensor([float(flag)], device=device)
@@ -308,7 +346,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
 
 def load_trainer_state(ckpt: Path) -> dict:
     try:
-        return torch.load(ckpt / "trainer_state.pt", weights_only=True)
+        return torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location="cpu")
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # missing, cut short
         raise SystemExit(f"train.py: error: cannot read {ckpt / 'trainer_state.pt'} "
                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
@@ -330,6 +368,53 @@ def keep_rows_until(path: Path, max_step: float) -> None:
         if isinstance(row, dict) and row.get("step", 0) <= max_step:
             rows.append(line)
     path.write_text("".join(r + "\n" for r in rows))
+
+
+RUN_FILES = ("checkpoints", "metrics.jsonl", "events.jsonl", "config.json")  # what a run writes
+
+
+def check_run_dir(out: Path, config: dict, resume: bool, overwrite: bool,
+                  same: tuple[str, ...]) -> tuple[dict | None, Path | None]:
+    """Before anything is written: a fresh run refuses a non-empty `out` unless `overwrite`; a
+    resumed one must agree with its config.json on the keys `same` and not be at config["steps"]
+    yet -> (trainer state, checkpoint) to resume from, or (None, None) for a fresh run."""
+    if not resume:
+        if out.is_dir() and any(out.iterdir()) and not overwrite:
+            what = "holds a run" if (out / "checkpoints" / "latest").exists() else "is not empty"
+            raise SystemExit(f"train.py: error: {out} {what}; pass --resume {out} to continue it, "
+                             "--overwrite to start afresh, or another --out")
+        return None, None
+    ckpt = latest_checkpoint(out)
+    state = load_trainer_state(ckpt)
+    try:
+        saved = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"train.py: error: cannot read {out / 'config.json'} ({e})") from None
+    for key in same:
+        if saved[key] != config[key]:
+            raise SystemExit(f"train.py: error: --{key.replace('_', '-')} {config[key]!r} "
+                             f"differs from the run being resumed ({saved[key]!r})")
+    if state["step"] >= config["steps"]:
+        raise SystemExit(f"train.py: error: {out} is already at step {state['step']} >= "
+                         f"--steps {config['steps']}")
+    return state, ckpt
+
+
+def claim_run_dir(out: Path, config: dict, resume_step: int | None, overwrite: bool) -> None:
+    """Make `out` this run's: a resumed run's logs cut back to its checkpoint's step, or what
+    `overwrite` replaces deleted; killed writers' leftovers removed; config.json written."""
+    if resume_step is not None:
+        keep_rows_until(out / "metrics.jsonl", resume_step)
+        keep_rows_until(out / "events.jsonl", math.inf)  # only a line cut short goes
+    elif overwrite:
+        for name in RUN_FILES:
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
+    remove_leftovers(out / "checkpoints")  # of a writer killed or out of disk space
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"train.py: error: cannot create --out {out} ({e.strerror})") from None
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------

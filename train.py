@@ -21,7 +21,6 @@ Process layout (spawn context):
 import copy
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -53,9 +52,8 @@ class Args:
     """Defaults are the embedded CPU run (tiny model, 2 cores); `--preset blog` is the blog's table."""
 
     method: Literal["mcts", "cispo", "bon", "treepo", "treerl", "sft"] = "mcts"
-    """how generators pick training trajectories: tree search (blog), CISPO groups, best-of-N,
-    the related tree-rollout methods TreePO (treepo.py) and TreeRL/EPTree (treerl.py), or the
-    control: sft = the solver's traces (the warm start's data), no sampling"""
+    """trajectories trained on: tree search (blog), CISPO groups, best-of-N, TreePO (treepo.py),
+    TreeRL (treerl.py), or the control sft: the solver's traces (the warm start's data)"""
     preset: Literal["none", "blog"] = "none"
     """'blog' starts from the blog's table of values (flags given next to it still win)"""
     model: str = "tiny"
@@ -69,8 +67,7 @@ class Args:
     batch_size: int = 8
     """trajectories per optimizer step for mcts/bon (blog: 32), split over the trainers"""
     cispo_groups: int = 2
-    """prompts per optimizer step for cispo (and treepo/treerl); the step holds cispo_groups x group_size
-    trajectories (blog: 128)"""
+    """prompts per step for cispo, treepo, treerl: cispo_groups x group_size trajectories (blog: 128)"""
     group_size: int = 16
     """CISPO group size: samples per prompt sharing a group-relative advantage (blog: 16); also
     TreePO's tree width w (trajectories per prompt)"""
@@ -93,8 +90,7 @@ class Args:
     treerl_t: int = 2
     """TreeRL: branches per forking point T (paper: 2)"""
     tree_reward: Literal["dense", "sparse"] = "dense"
-    """reward in TreePO/TreeRL advantages: dense (-1 for a malformed answer, as CISPO/BoN train on)
-    or sparse (0/1, both papers' verifier reward: a malformed answer scores like a wrong one)"""
+    """TreePO/TreeRL advantages' reward: dense (as CISPO/BoN) or sparse (0/1, both papers')"""
     mcts_workers: int = 16
     """parallel MCTS agents sharing one tree with virtual loss (blog: 16)"""
     mcts_iterations: int = 12
@@ -114,8 +110,7 @@ class Args:
     """advantage of the selected trajectory: r - sg(V(s_t)) (blog), or r minus the mean reward of
     the answers in its tree (a per-prompt baseline at no extra sampling)"""
     mcts_value_targets: Literal["path", "tree"] = "path"
-    """value-head targets: the selected trajectory (blog), or also every other answer in the tree
-    (value loss only, on its path's states)"""
+    """value-head targets: the selected trajectory (blog), or also the tree's other answers"""
     kl_warn: float = 0.1
     """warn once when the logged k3 KL to the start model passes this (0: never)"""
     search_gain_problems: int = 16
@@ -147,8 +142,7 @@ class Args:
     lr_schedule: Literal["constant", "linear"] = "constant"
     """constant, or linear decay to 0 at --steps (blog author's code: linear, no warm-up)"""
     loss_agg: Literal["token", "sequence"] = "token"
-    """loss aggregation: mean over the batch's tokens, or over each sequence's tokens then the
-    sequences (blog author's code)"""
+    """loss mean over the batch's tokens, or per sequence then over sequences (blog author's code)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     max_grad_norm: float = 0.1
@@ -238,10 +232,9 @@ def check_args(args: Args) -> None:
     for name in ("max_grad_norm", "eps_high", "stall_timeout_s"):
         if not getattr(args, name) > 0 or not math.isfinite(getattr(args, name)):
             fail(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(args, name)}")
-    if args.eval_every < 0:
-        fail(f"--eval-every must be >= 0, got {args.eval_every}")
-    if args.search_gain_problems < 0:
-        fail(f"--search-gain-problems must be >= 0, got {args.search_gain_problems}")
+    for name in ("eval_every", "search_gain_problems"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.method == "cispo" and args.group_size < 2:
         fail("--method cispo needs --group-size >= 2 (advantages are relative to the group)")
     if traj_per_step(args) % args.n_trainers:
@@ -502,6 +495,8 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
     """DDP trainer: rank 0 also publishes weights, evaluates, logs and checkpoints."""
     device = infra.device_for(args.n_generators + rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # nccl maps one rank to one GPU: the current device
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=args.n_trainers)
     policy, tokenizer = load_policy(args.model)
@@ -509,14 +504,10 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
     ref = copy.deepcopy(policy).requires_grad_(False).to(device) if args.c_kl else None
     infra.load_shared_weights(sh, policy)
     policy.to(device)
-    model = torch.nn.parallel.DistributedDataParallel(policy)
+    model = torch.nn.parallel.DistributedDataParallel(
+        policy, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    step, wall0 = 0, 0.0
-    if resume_ckpt:
-        state = infra.load_trainer_state(Path(resume_ckpt))
-        opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        step, wall0 = state["step"], state["wall_time"]
+    step, wall0 = infra.restore_trainer(resume_ckpt, opt)  # 0, 0.0 for a fresh run
     torch.manual_seed(args.seed + 1000 * rank + step)
     per_rank = traj_per_step(args) // args.n_trainers
 
@@ -551,40 +542,28 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
     if rank == 0 and not resume_ckpt:  # mean@16 "before": no trajectory trained on yet
         sh.log_q.put({"row": {"step": step, "wall_time": wall(), "generated_tokens": 0,
                               **evaluate()}})
-    last, kl_warned, skipped = False, False, 0
+    last, alarms = False, infra.Alarms(args.kl_warn)
     while not last:
         # rank 0 honours the time limit and a stop request even when no step completes
         give_up = (lambda: sh.finish.is_set() or time_up()) if rank == 0 else None
         batch = infra.next_batch(sh, per_rank, give_up)
-        if batch is None:
-            if sh.stop.is_set():  # main asked us to stop
-                return
-            if not sh.finish.is_set():
-                sh.log_q.put({"event": "warning", "step": step, "message":
-                              "time limit reached while waiting for trajectories: "
-                              "stopped without the final eval"})
-            if saved != step:
-                checkpoint()
-            sh.log_q.put({"done": step})
+        if batch is None:  # main asked us to stop, or (rank 0) time is up or a signal came
+            if not sh.stop.is_set():
+                if not sh.finish.is_set():
+                    sh.log_q.put({"event": "warning", "step": step, "message": "time limit reached "
+                                  "while waiting for trajectories: stopped without the final eval"})
+                if saved != step:
+                    checkpoint()
+                sh.log_q.put({"done": step})
             return
         data = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
-        info = diagnostics.batch_info(batch)
-        format_rate, malformed = diagnostics.batch_format(batch, tokenizer)
-        if rank == 0 and malformed and step % 10 == 0:  # what malformed answers look like
-            sh.log_q.put({"event": "malformed", "step": step, "text": malformed[-300:]})
         for group in opt.param_groups:  # derived from the step: a resumed run continues it
             group["lr"] = lr_at(step, args)
         stats = train_step(model, ref, opt, data, args)
-        lag = (step - data["versions"][data["policy_rows"]]).float()  # trainer - generating version
-        logged = {"train_reward": data["rewards"][data["policy_rows"]].mean().item(),
-                  "train_format_rate": format_rate,
-                  **{k: stats[k] for k in ("policy_loss", "value_loss", "kl")},
-                  "policy_lag": lag.mean().item(), "policy_lag_max": lag.max().item(),
-                  **{k: stats[k] for k in ("clip_frac", "grad_norm", "skipped_step",
-                                           *diagnostics.HEALTH)}, **info}
-        local = torch.tensor(list(logged.values()), device=device)
-        dist.all_reduce(local)  # global-batch means for logging
-        local /= args.n_trainers
+        logged, malformed = diagnostics.step_metrics(stats, data, batch, tokenizer, step)
+        if rank == 0 and malformed and step % 10 == 0:  # what malformed answers look like
+            sh.log_q.put({"event": "malformed", "step": step, "text": malformed[-300:]})
+        row = infra.global_means(logged, device)
         step += 1
         # rank 0's clock (and a stop request) decides the end, for every rank
         stopping = infra.any_rank(rank == 0 and (time_up() or sh.finish.is_set()), device)
@@ -594,20 +573,11 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
                           "checksum": infra.weights_checksum(policy.state_dict())})
         if rank != 0:
             continue
-        if stats["skipped_step"]:
-            skipped += 1
-            infra.warn(sh, step, f"non-finite gradient norm at step {step}: update skipped "
-                                 f"({skipped} skipped so far; lower --lr / --max-grad-norm?)")
+        alarms.check(sh, step, stats["skipped_step"], row["kl"])
         if step % args.sync_every == 0:
             infra.publish_weights(sh, policy, step)
-        row = dict(zip(logged, local.tolist()))
-        if args.kl_warn and row["kl"] > args.kl_warn and not kl_warned:  # once per run
-            kl_warned = True
-            infra.warn(sh, step, f"KL to the start model {row['kl']:.3f} > --kl-warn {args.kl_warn} "
-                                 f"at step {step}: the policy is drifting (lower --lr / "
-                                 "--max-grad-norm?)")
-        row.update(step=step, wall_time=wall(), skipped_steps=skipped, lr=opt.param_groups[0]["lr"],
-                   **infra.generator_stats(sh))
+        row.update(step=step, wall_time=wall(), skipped_steps=alarms.skipped,
+                   lr=opt.param_groups[0]["lr"], **infra.generator_stats(sh))
         if not sh.finish.is_set() and (last or (args.eval_every and step % args.eval_every == 0)):
             row.update(evaluate())  # (a signal's stop skips it: checkpoint first)
         sh.log_q.put({"row": row})
@@ -615,17 +585,6 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
             checkpoint()
     if rank == 0:
         sh.log_q.put({"done": step})
-
-
-RUN_FILES = ("checkpoints", "metrics.jsonl", "events.jsonl", "config.json")  # what a run writes
-
-
-def _prefixed(load, *args):
-    """value_head's one-line load errors as train.py's."""
-    try:
-        return load(*args)
-    except SystemExit as e:
-        raise SystemExit(f"train.py: error: {e}") from None
 
 
 def run(args: Args) -> int:
@@ -639,40 +598,15 @@ def run(args: Args) -> int:
         print(json.dumps(asdict(args), indent=2))
         return 0
     transformers.utils.logging.disable_progress_bar()
-    out = Path(args.out)
-    if not args.resume and out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        what = "holds a run" if (out / "checkpoints" / "latest").exists() else "is not empty"
-        raise SystemExit(f"train.py: error: {out} {what}; pass --resume {out} to continue it, "
-                         "--overwrite to start afresh, or another --out")
+    out, G = Path(args.out), args.n_generators
+    state, ckpt = infra.check_run_dir(out, asdict(args), bool(args.resume), args.overwrite,
+                                      same=("method", "model", "n_generators"))
     model = tiny.resolve_model(args.model)  # --model tiny: built on first use (minutes, once)
-    state, resume_ckpt, G = None, "", args.n_generators
-    if args.resume:
-        ckpt = infra.latest_checkpoint(out)
-        state, resume_ckpt = infra.load_trainer_state(ckpt), str(ckpt)
-        try:
-            saved = json.loads((out / "config.json").read_text())
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"train.py: error: cannot read {out / 'config.json'} ({e})") from None
-        for key in ("method", "model", "n_generators"):
-            if saved[key] != getattr(args, key):
-                raise SystemExit(f"train.py: error: --{key.replace('_', '-')} {getattr(args, key)!r} "
-                                 f"differs from the run being resumed ({saved[key]!r})")
-        if state["step"] >= args.steps:
-            raise SystemExit(f"train.py: error: {out} is already at step {state['step']} >= --steps {args.steps}")
-        policy, _ = _prefixed(load_policy, str(ckpt))
-        infra.keep_rows_until(out / "metrics.jsonl", state["step"])
-        infra.keep_rows_until(out / "events.jsonl", math.inf)  # only a line cut short goes
-    else:
-        if args.overwrite:
-            for name in RUN_FILES:
-                shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink(missing_ok=True)
-        policy, _ = _prefixed(load_policy, model)
-    infra.remove_leftovers(out / "checkpoints")  # of a writer killed or out of disk space
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"train.py: error: cannot create --out {out} ({e.strerror})") from None
-    (out / "config.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+        policy, _ = load_policy(str(ckpt) if ckpt else model)
+    except SystemExit as e:  # value_head's one-line load errors, as train.py's
+        raise SystemExit(f"train.py: error: {e}") from None
+    infra.claim_run_dir(out, asdict(args), state["step"] if state else None, args.overwrite)
     args = replace(args, model=model)  # config.json keeps "tiny"; the children load the directory
     start_step = state["step"] if state else 0
     sh = infra.make_shared(policy, version=start_step, queue_size=2 * traj_per_step(args),
@@ -683,7 +617,7 @@ def run(args: Args) -> int:
     train, test = countdown.make_splits()  # fixed dataset; --seed changes order and sampling
     port, t_start = infra.free_port(), time.time()
     children = {f"generator-{g}": (generator, (args, sh, g, train)) for g in range(G)}
-    children |= {f"trainer-{r}": (trainer, (args, sh, r, port, resume_ckpt, t_start,
+    children |= {f"trainer-{r}": (trainer, (args, sh, r, port, str(ckpt or ""), t_start,
                                             test[:args.eval_problems]))
                  for r in range(args.n_trainers)}
     rc = infra.supervise(children, sh, out, t_start, threads=args.torch_threads,
