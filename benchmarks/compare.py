@@ -142,13 +142,23 @@ def report(results: Path, figures: Path) -> str:
         evals = {t: json.loads(eval_path(d, t).read_text()) for t in TEMPERATURES}
         runs.setdefault(arm, []).append({
             "dir": d, "steps": train_rows[-1]["step"], "tokens": train_rows[-1]["generated_tokens"],
-            "evals": evals, "kl": np.mean([r["kl"] for r in train_rows[-100:]])})
+            "evals": evals, "kl": np.mean([r["kl"] for r in train_rows[-100:]]),
+            "curve": [(r.get("generated_tokens", 0), r["eval_mean_at_16"]) for r in rows
+                      if "eval_mean_at_16" in r]})
+    # the equal-token view: each run's 200-problem eval at the last eval within the token count
+    # of the cheapest sampling arm's whole run (sft samples nothing and is left out)
+    spent = [r["tokens"] for rs in runs.values() for r in rs if r["tokens"] > 0]
+    budget = min(spent) if spent else 0
 
-    def spread(values, pct=True):
-        scale, unit = (100, "%") if pct else (1, "")
-        v = np.asarray(values) * scale
-        return (f"{v.mean():.2f}{unit} [{v.min():.2f}, {v.max():.2f}]" if len(v) > 1
-                else f"{v.mean():.2f}{unit}")
+    def at_budget(run: dict) -> float:
+        return max(((t, v) for t, v in run["curve"] if t <= budget), default=(0, np.nan))[1]
+
+    def spread(values, scale=100.0, unit="%", digits=2):
+        """mean [min, max] over seeds."""
+        v = np.asarray(values, dtype=float) * scale
+        f = f".{digits}f"
+        return (f"{v.mean():{f}}{unit} [{v.min():{f}}, {v.max():{f}}]" if len(v) > 1
+                else f"{v.mean():{f}}{unit}")
 
     def gain(base: dict, run: dict, t: float) -> float:
         """Paired per-problem difference run - base on the same 820 problems."""
@@ -159,22 +169,27 @@ def report(results: Path, figures: Path) -> str:
         return run["dir"].name.rsplit("-seed", 1)[1]
 
     header = ("| arm | seeds | steps | generated tokens | mean@16 T=1.0 | mean@16 T=0.2 | gain vs "
-              "start T=1.0 | gain vs start T=0.2 | gain vs sft T=1.0 | KL (last 100) |")
-    lines = [header, "| --- " * 10 + "|"]
+              "start T=1.0 | gain vs start T=0.2 | gain vs sft T=1.0 | gain vs sft T=0.2 | "
+              f"200-problem eval at {budget / 1e6:.2f} M tokens | KL (last 100) |")
+    lines = [header, "| --- " * 12 + "|"]
     if start:
         lines.append(f"| start | | 0 | 0 | {spread([start[1.0]['mean_at_n']])} | "
-                     f"{spread([start[0.2]['mean_at_n']])} | | | | |")
+                     f"{spread([start[0.2]['mean_at_n']])} | | | | | | |")
     sft = {seed_of(r): r for r in runs.get("sft", [])}
-    for arm, arm_runs in runs.items():
-        cells = [arm, str(len(arm_runs)), spread([r["steps"] for r in arm_runs], False),
-                 f"{np.mean([r['tokens'] for r in arm_runs]) / 1e6:.2f} M",
+    order = sorted(runs, key=lambda a: -np.mean([r["evals"][1.0]["mean_at_n"] for r in runs[a]]))
+    for arm in order:
+        arm_runs = runs[arm]
+        cells = [arm, str(len(arm_runs)), spread([r["steps"] for r in arm_runs], 1, "", 0),
+                 spread([r["tokens"] for r in arm_runs], 1e-6, " M"),
                  spread([r["evals"][1.0]["mean_at_n"] for r in arm_runs]),
                  spread([r["evals"][0.2]["mean_at_n"] for r in arm_runs])]
-        cells += [spread([gain(start, r, t) for r in arm_runs]) if start else ""
+        cells += [spread([gain(start, r, t) for r in arm_runs], 100, " pt") if start else ""
                   for t in TEMPERATURES]
-        versus = [gain(sft[seed_of(r)]["evals"], r, 1.0) for r in arm_runs if seed_of(r) in sft]
-        cells.append(spread(versus) if versus and arm != "sft" else "")
-        cells.append(spread([r["kl"] for r in arm_runs], False))
+        for t in TEMPERATURES:  # paired with the sft run of the same seed
+            versus = [gain(sft[seed_of(r)]["evals"], r, t) for r in arm_runs if seed_of(r) in sft]
+            cells.append(spread(versus, 100, " pt") if versus and arm != "sft" else "")
+        cells.append(spread([at_budget(r) for r in arm_runs]) if arm != "sft" else "")
+        cells.append(spread([r["kl"] for r in arm_runs], 1, "", 3))
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     figures.mkdir(parents=True, exist_ok=True)

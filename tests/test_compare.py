@@ -19,13 +19,16 @@ def write_eval(d: Path, t: float, per_problem: list[float]) -> None:
 
 
 def write_run(results: Path, name: str, method: str, seed: int, per_problem: dict,
-              steps: int = 4, tokens: int = 1000, kl: float = 0.01) -> None:
+              steps: int = 4, tokens: int = 1000, kl: float = 0.01, evals=None) -> None:
+    """A finished run: final evals, config, and metrics rows with 200-problem evals at `evals`
+    ({step: mean@16}; default: 5% at the start and the end)."""
     d = results / name
     for t, pp in per_problem.items():
         write_eval(d, t, pp)
     (d / "config.json").write_text(json.dumps({"method": method, "seed": seed}))
+    evals = evals or {0: 0.05, steps: 0.05}
     rows = [{"step": s, "train_reward": 0.1 * s, "generated_tokens": tokens * s // steps, "kl": kl,
-             **({"eval_mean_at_16": 0.05} if s in (0, steps) else {})} for s in range(steps + 1)]
+             **({"eval_mean_at_16": evals[s]} if s in evals else {})} for s in range(steps + 1)]
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
 
@@ -33,26 +36,35 @@ def test_report_table_by_hand(tmp_path):
     results, figures = tmp_path / "results", tmp_path / "figures"
     for t in compare.TEMPERATURES:
         write_eval(results / "start", t, [0.0, 0.5])  # 25%
-    # cispo seeds 0/1 at T=1: [0.5, 0.5] and [0.0, 1.0] -> 50% both; gains vs start +25 points
-    write_run(results, "cispo-seed0", "cispo", 0, {1.0: [0.5, 0.5], 0.2: [0.5, 1.0]}, kl=0.02)
-    write_run(results, "cispo-seed1", "cispo", 1, {1.0: [0.0, 1.0], 0.2: [0.0, 0.5]}, kl=0.04)
-    # sft seed 0: T=1 [0.25, 0.25] -> 25%; cispo seed 0 vs sft seed 0 = +25 points
+    # cispo seeds 0/1 at T=1: [0.5, 0.5] and [0.0, 1.0] -> 50% both; gains vs start +25 points;
+    # at T=0.2 75% and 25%: gains +50 and 0 points
+    write_run(results, "cispo-seed0", "cispo", 0, {1.0: [0.5, 0.5], 0.2: [0.5, 1.0]}, kl=0.02,
+              tokens=1_000_000, evals={0: 0.05, 4: 0.08})
+    write_run(results, "cispo-seed1", "cispo", 1, {1.0: [0.0, 1.0], 0.2: [0.0, 0.5]}, kl=0.04,
+              tokens=2_000_000, evals={0: 0.05, 2: 0.06, 4: 0.10})
+    # sft seed 0: T=1 [0.25, 0.25] -> 25%, T=0.2 [0.0, 0.5] -> 25%; cispo seed 0 vs sft seed 0:
+    # +25 points at T=1, +50 at T=0.2
     write_run(results, "sft-seed0", "sft", 0, {1.0: [0.25, 0.25], 0.2: [0.0, 0.5]}, tokens=0)
     (results / "mcts-seed0").mkdir()  # unfinished: no evals -> left out
     table = compare.report(results, figures).splitlines()
-    assert table[2] == "| start | | 0 | 0 | 25.00% | 25.00% | | | | |"
+    # the equal-token budget is the cheapest sampling run's total (sft samples nothing): 1 M
+    assert table[0].endswith("| 200-problem eval at 1.00 M tokens | KL (last 100) |")
+    assert table[2] == "| start | | 0 | 0 | 25.00% | 25.00% | | | | | | |"
     [cispo] = [line.split(" | ") for line in table if line.startswith("| cispo ")]
-    # arm, seeds, steps, tokens, T=1 mean [min, max], T=0.2, gain T=1, gain T=0.2, vs sft, KL
-    assert cispo[1:4] == ["2", "4.00 [4.00, 4.00]", "0.00 M"]
-    assert cispo[4].startswith("50.00%") and cispo[5].startswith("50.00%")
-    assert cispo[6].startswith("25.00%") and cispo[7].startswith("25.00%")
-    assert cispo[8] == "25.00%"  # one seed paired with the sft control
-    assert cispo[9].startswith("0.03 [0.02, 0.04]")
+    # arm, seeds, steps, tokens, T=1 mean [min, max], T=0.2, gain T=1, gain T=0.2, vs sft T=1,
+    # vs sft T=0.2, eval at equal tokens, KL
+    assert cispo[1:4] == ["2", "4 [4, 4]", "1.50 M [1.00, 2.00]"]
+    assert cispo[4] == "50.00% [50.00, 50.00]" and cispo[5] == "50.00% [25.00, 75.00]"
+    assert cispo[6] == "25.00 pt [25.00, 25.00]" and cispo[7] == "25.00 pt [0.00, 50.00]"
+    assert cispo[8:10] == ["25.00 pt", "50.00 pt"]  # one seed paired with the sft control
+    # within 1 M tokens: seed 0's last eval (8%, at 1 M), seed 1's at step 2 (6%, at 1 M)
+    assert cispo[10] == "7.00% [6.00, 8.00]"
+    assert cispo[11] == "0.030 [0.020, 0.040] |"
     assert not any(line.startswith("| mcts") for line in table)
     assert (figures / "results.md").read_text().splitlines() == table
     assert (figures / "eval_mean_at_16.png").stat().st_size > 1000
     [sft] = [line.split(" | ") for line in table if line.startswith("| sft ")]
-    assert sft[8] == ""  # the control is not compared with itself
+    assert sft[8:11] == ["", "", ""]  # the control is not compared with itself
 
 
 def test_jobs_skip_finished_runs_and_resume_unfinished(tmp_path):
