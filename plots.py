@@ -174,6 +174,7 @@ def eval_figure(runs: list[dict]) -> Figure:
     plot_metric(by_step, runs, STEP, EVAL_KEY)
     plot_metric(by_tokens, runs, TOKENS, EVAL_KEY)
     by_step.set_ylabel(f"eval {mean_at(runs)}")
+    by_tokens.set_ylabel(f"eval {mean_at(runs)}")
     fig.suptitle(f"Countdown {mean_at(runs)} (test split), mean over seeds, band = min-max")
     fig.tight_layout()
     return fig
