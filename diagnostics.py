@@ -1,14 +1,16 @@
 """What a run logs about itself besides the losses (blog: none; our guards against the failure
 modes seen here): per batch, the items' own numbers (the search's depth, rollouts, terminal
 backups) and the health of the update (entropy, advantage and value spread, completion length,
-sampler/trainer log-prob gap); at each eval of an mcts run, the search gain."""
+sampler/trainer log-prob gap); at each eval, mean@n and, in an mcts run, the search gain."""
 
 from __future__ import annotations
 
 import torch
 
 import countdown
+import eval as evaluation
 import mcts
+from sampler import TorchSampler
 
 
 def batch_info(batch: list[dict]) -> dict[str, float]:
@@ -86,3 +88,20 @@ def search_gain(sampler, problems: list, cfg: mcts.MCTSConfig, n: int, max_new_t
             "eval_search_gain": selected - sum(sample_dense) / len(sample_dense),
             "eval_search_success": exact,
             "eval_sample_success": sum(sample_exact) / len(sample_exact)}
+
+
+def eval_row(policy, tokenizer, problems: list, n: int, temperature: float, max_new_tokens: int,
+             seed: int, search: mcts.MCTSConfig | None = None, search_problems: int = 0
+             ) -> dict[str, float]:
+    """The trainer's eval (blog: mean@16 on the test problems) as a metrics row. The sampler has the
+    same seed at every eval: evals differ by the weights, not the random stream. With a search
+    config, also the search gain on the first search_problems problems (at its temperature)."""
+    smp = TorchSampler(policy, tokenizer, seed=seed)
+    r = evaluation.evaluate(smp, problems, n=n, temperature=temperature,
+                            max_new_tokens=max_new_tokens, progress=False)
+    row = {f"eval_mean_at_{n}": r["mean_at_n"], "eval_ci95": r["ci95"],
+           "eval_format_rate": r["format_rate"], "eval_mean_len": r["mean_len"]}
+    if search is not None and search_problems:
+        row.update(search_gain(smp, problems[:search_problems], search, n=n,
+                               max_new_tokens=max_new_tokens, temperature=search.temperature))
+    return row

@@ -56,6 +56,19 @@ CHECKSUMS = os.environ.get("TREESEARCH_CHECKSUMS", "") == "1"
 FAIL_AT = int(os.environ.get("TREESEARCH_FAIL_AT", "-1"))
 
 
+def check_flags(prog: str, values: dict, rules: dict[str, tuple[str, ...]]) -> None:
+    """Exit with one line at the first flag that breaks its rule: ">= 1", ">= 0",
+    "finite >= 0" or "finite > 0" (NaN breaks every rule)."""
+    ok = {">= 1": lambda v: v >= 1, ">= 0": lambda v: v >= 0,
+          "finite >= 0": lambda v: math.isfinite(v) and v >= 0,
+          "finite > 0": lambda v: math.isfinite(v) and v > 0}
+    for rule, names in rules.items():
+        for name in names:
+            if not ok[rule](values[name]):
+                raise SystemExit(f"{prog}: error: --{name.replace('_', '-')} must be "
+                                 f"{rule.replace('finite', 'a finite number')}, got {values[name]}")
+
+
 def device_for(index: int) -> torch.device:
     """Generators take the first GPUs, trainers the next ones (wrapping around); CPU otherwise."""
     if not torch.cuda.is_available():
@@ -86,12 +99,15 @@ class Shared:
     gen_sync: object         # mp.Array: seconds each generator spent loading weights
 
 
-def make_shared(policy: torch.nn.Module, version: int, queue_size: int,
-                data_position: list[int], generated_tokens: list[int], n_children: int,
-                logged: int) -> Shared:
-    """The shared state of a run; one entry per generator in data_position / generated_tokens,
-    one heartbeat per child; `logged`: the last step already in metrics.jsonl (-1: none)."""
-    G = len(data_position)
+def make_shared(policy: torch.nn.Module, resumed: dict | None, n_generators: int,
+                n_children: int, queue_size: int) -> Shared:
+    """The shared state of a run: fresh, or `resumed` from a checkpoint's trainer state (its step
+    is the weights' version and the last step in metrics.jsonl; each generator's data position
+    and generated tokens go on). One heartbeat per child."""
+    G = n_generators
+    version, logged = (resumed["step"], resumed["step"]) if resumed else (0, -1)
+    data_position = resumed["data_position"] if resumed else [0] * G
+    generated_tokens = resumed["generated_tokens"] if resumed else [0] * G
     # counters without a lock (one writer per entry): a child stopped or killed while holding
     # one would block every reader
     return Shared(
@@ -123,6 +139,13 @@ def weights_checksum(state_dict: dict[str, torch.Tensor]) -> str:
         h.update(k.encode())
         h.update(state_dict[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def log_checksum(sh: Shared, rank: int, step: int, policy: torch.nn.Module) -> None:
+    """Under TREESEARCH_CHECKSUMS=1 (tests), every rank logs its weights' checksum each step."""
+    if CHECKSUMS:
+        sh.log_q.put({"event": "weights", "rank": rank, "step": step,
+                      "checksum": weights_checksum(policy.state_dict())})
 
 
 def load_shared_weights(sh: Shared, policy: torch.nn.Module) -> None:
@@ -231,6 +254,14 @@ class Alarms:
             self.kl_warned = True
             warn(sh, step, f"KL to the start model {kl:.3f} > --kl-warn {self.kl_warn} at step "
                            f"{step}: the policy is drifting (lower --lr / --max-grad-norm?)")
+
+
+def init_process_group(device: torch.device, rank: int, world_size: int, port: int) -> None:
+    """Join the trainers' DDP group: nccl on GPU (one rank per GPU: the current device), gloo on CPU."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank,
+                            init_method=f"tcp://127.0.0.1:{port}", world_size=world_size)
 
 
 def global_means(values: dict[str, float], device: torch.device) -> dict[str, float]:

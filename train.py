@@ -29,13 +29,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import transformers
 import tyro
 
 import countdown
 import diagnostics
-import eval as evaluation
 import infrastructure as infra
 import losses
 import mcts
@@ -54,52 +52,36 @@ class Args:
     method: Literal["mcts", "cispo", "bon", "treepo", "treerl", "sft"] = "mcts"
     """trajectories trained on: tree search (blog), CISPO groups, best-of-N, TreePO (treepo.py),
     TreeRL (treerl.py), or the control sft: the solver's traces (the warm start's data)"""
-    preset: Literal["none", "blog"] = "none"
-    """'blog' starts from the blog's table of values (flags given next to it still win)"""
-    model: str = "tiny"
-    """'tiny' (the embedded char-level Qwen2), a local checkpoint dir, or a HF hub id"""
-    backend: Literal["torch", "vllm"] = "torch"
-    """generator sampling engine (vllm is the GPU path)"""
-    n_generators: int = 1
-    """number of generator processes (blog: Ng = 6)"""
-    n_trainers: int = 1
-    """number of DDP trainer processes (blog: Nt = 2)"""
-    batch_size: int = 8
-    """trajectories per optimizer step for mcts/bon (blog: 32), split over the trainers"""
-    cispo_groups: int = 2
-    """prompts per step for cispo, treepo, treerl: cispo_groups x group_size trajectories (blog: 128)"""
+    preset: Literal["none", "blog"] = "none"  # 'blog': the blog's table (explicit flags still win)
+    model: str = "tiny"  # 'tiny' (embedded char-level Qwen2), a local checkpoint dir or a HF hub id
+    backend: Literal["torch", "vllm"] = "torch"  # generator sampling engine (vllm is the GPU path)
+    n_generators: int = 1  # number of generator processes (blog: Ng = 6)
+    n_trainers: int = 1  # number of DDP trainer processes (blog: Nt = 2)
+    batch_size: int = 8  # trajectories per optimizer step for mcts/bon/sft (blog: 32)
+    cispo_groups: int = 2  # prompts per step for cispo/treepo/treerl, each x group_size (blog: 128)
     group_size: int = 16
     """CISPO group size: samples per prompt sharing a group-relative advantage (blog: 16); also
     TreePO's tree width w (trajectories per prompt)"""
     normalize_std: bool = False
     """divide CISPO group advantages by the group std (GRPO) instead of mean-centring only (Dr. GRPO)"""
-    bon_n: int = 64
-    """best-of-N: samples per prompt, the best by dense reward is trained on (blog: N = 64)"""
+    bon_n: int = 64  # best-of-N: samples per prompt, the best by dense reward trained on (blog: 64)
     prompts_per_call: int = 4
     """prompts a generator handles per batched call (MCTS trees searched together, CISPO groups, BoN prompts)"""
     treepo_segment_len: int = 16
     """TreePO: tokens per segment L (paper: 512); max depth = max_new_tokens // L"""
-    treepo_branch: int = 2
-    """TreePO: forks per node and round b (paper: 2)"""
-    treerl_m: int = 6
-    """TreeRL: initial i.i.d. responses per prompt M (paper: 6)"""
-    treerl_n: int = 2
-    """TreeRL: forking points (highest -log pi tokens) per tree and iteration N (paper: 2)"""
-    treerl_l: int = 1
-    """TreeRL: forking iterations L (paper: 1)"""
-    treerl_t: int = 2
-    """TreeRL: branches per forking point T (paper: 2)"""
+    treepo_branch: int = 2  # TreePO: forks per node and round b (paper: 2)
+    treerl_m: int = 6  # TreeRL: initial i.i.d. responses per prompt M (paper: 6)
+    treerl_n: int = 2  # TreeRL: forking points (top -log pi) per tree and iteration N (paper: 2)
+    treerl_l: int = 1  # TreeRL: forking iterations L (paper: 1)
+    treerl_t: int = 2  # TreeRL: branches per forking point T (paper: 2)
     tree_reward: Literal["dense", "sparse"] = "dense"
     """TreePO/TreeRL advantages' reward: dense (as CISPO/BoN) or sparse (0/1, both papers')"""
-    mcts_workers: int = 16
-    """parallel MCTS agents sharing one tree with virtual loss (blog: 16)"""
+    mcts_workers: int = 16  # parallel MCTS agents sharing one tree with virtual loss (blog: 16)
     mcts_iterations: int = 12
     """MCTS iterations per worker, M (blog: 100): a tree gets mcts_workers x M selections in M
     batched rounds, and an answer at depth d needs M >= d + 1 rounds (mcts.py)"""
-    mcts_k: int = 4
-    """completions per expanded leaf, K (blog: 4)"""
-    c_puct: float = 0.5
-    """pUCT exploration coefficient (blog: 0.5)"""
+    mcts_k: int = 4  # completions per expanded leaf, K (blog: 4)
+    c_puct: float = 0.5  # pUCT exploration coefficient (blog: 0.5)
     mcts_virtual_value: float = -1.0
     """value each virtual visit counts with: -1 = classic virtual loss (default), 0 = visits only (blog table)"""
     mcts_max_tree_tokens: int = 0
@@ -109,33 +91,22 @@ class Args:
     mcts_baseline: Literal["value", "tree"] = "value"
     """advantage of the selected trajectory: r - sg(V(s_t)) (blog), or r minus the mean reward of
     the answers in its tree (a per-prompt baseline at no extra sampling)"""
-    mcts_value_targets: Literal["path", "tree"] = "path"
-    """value-head targets: the selected trajectory (blog), or also the tree's other answers"""
-    kl_warn: float = 0.1
-    """warn once when the logged k3 KL to the start model passes this (0: never)"""
+    mcts_value_targets: Literal["path", "tree"] = "path"  # value targets: path (blog), all answers
+    kl_warn: float = 0.1  # warn once when the k3 KL to the start model passes this (0: never)
     search_gain_problems: int = 16
     """mcts runs: at each eval, search this many eval problems (at most eval_problems) and log the
     selected reward minus the mean reward of eval_n i.i.d. samples on them (search gain); 0: off"""
-    temperature: float = 1.0
-    """sampling temperature of the generators (log-probs are always those of the raw policy)"""
-    max_new_tokens: int = 96
-    """token cap of a whole completion (CISPO/BoN samples, eval)"""
-    max_step_tokens: int = 32
-    """token cap of one reasoning step (one MCTS expansion, up to </step>)"""
-    sync_every: int = 8
-    """publish trainer weights to the generators every this many optimizer steps (blog: 8)"""
-    loss: Literal["cispo", "ppo"] = "cispo"
-    """policy loss: CISPO (blog) or PPO clipped surrogate"""
-    eps_high: float = 5.0
-    """CISPO epsilon_high: cap of the detached importance weight (blog: 5.0)"""
+    temperature: float = 1.0  # generators' sampling temperature (log-probs: the raw policy's)
+    max_new_tokens: int = 96  # token cap of a whole completion (CISPO/BoN samples, eval)
+    max_step_tokens: int = 32  # token cap of one reasoning step (one MCTS expansion, up to </step>)
+    sync_every: int = 8  # publish weights to the generators every this many steps (blog: 8)
+    loss: Literal["cispo", "ppo"] = "cispo"  # policy loss: CISPO (blog) or PPO clipped surrogate
+    eps_high: float = 5.0  # CISPO epsilon_high: cap of the detached importance weight (blog: 5.0)
     cispo_bound: Literal["blog", "minimax"] = "blog"
     """CISPO cap reading: min(ratio, eps_high) (blog) or min(ratio, 1 + eps_high) (MiniMax-M1)"""
-    c_ppo: float = 1.0
-    """policy loss weight c_ppo (blog: 1.0)"""
-    c_value: float = 1.0
-    """value loss weight c_value (blog: 1.0)"""
-    c_kl: float = 0.05
-    """k3 KL(pi_theta || pi_ref) weight c_KL (blog: 0.05)"""
+    c_ppo: float = 1.0  # policy loss weight c_ppo (blog: 1.0)
+    c_value: float = 1.0  # value loss weight c_value (blog: 1.0)
+    c_kl: float = 0.05  # k3 KL(pi_theta || pi_ref) weight c_KL (blog: 0.05)
     lr: float = 5e-6
     """AdamW learning rate (blog author's code: 5e-6; at 3e-5 CISPO's KL to the start passed 0.4
     within 700 steps, README "Stability")"""
@@ -143,38 +114,26 @@ class Args:
     """constant, or linear decay to 0 at --steps (blog author's code: linear, no warm-up)"""
     loss_agg: Literal["token", "sequence"] = "token"
     """loss mean over the batch's tokens, or per sequence then over sequences (blog author's code)"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
-    max_grad_norm: float = 0.1
-    """gradient norm clipping (blog author's code: 0.1)"""
-    steps: int = 100000
-    """optimizer steps to train for (the CPU default is bounded by --time-limit-min instead)"""
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 0.1  # gradient norm clipping (blog author's code: 0.1)
+    steps: int = 100000  # optimizer steps (the CPU default is bounded by --time-limit-min instead)
     time_limit_min: float = 12.0
     """stop training at the first step after this many minutes from launch, then eval and checkpoint (0: no limit)"""
     eval_every: int = 100
     """evaluate mean@n every this many steps (also before the first and after the last step); 0: only those two"""
-    eval_problems: int = 200
-    """size of the fixed eval subset (the first problems of the test split; blog: all 820)"""
-    eval_n: int = 16
-    """samples per eval problem: mean@16 (blog)"""
-    eval_temperature: float = 1.0
-    """sampling temperature for eval"""
-    checkpoint_every: int = 100
-    """write a checkpoint every this many steps (and at the end)"""
-    out: str = ""
-    """run directory (default runs/<method>-seed<seed>)"""
-    resume: str = ""
-    """run directory to continue from its latest checkpoint (pass the same flags as the original run)"""
+    eval_problems: int = 200  # eval on the first this many test problems (blog: all 820)
+    eval_n: int = 16  # samples per eval problem: mean@16 (blog)
+    eval_temperature: float = 1.0  # sampling temperature for eval
+    checkpoint_every: int = 100  # write a checkpoint every this many steps (and at the end)
+    out: str = ""  # run directory (default runs/<method>-seed<seed>)
+    resume: str = ""  # run dir to continue from its latest checkpoint (give the original flags)
     overwrite: bool = False
     """start afresh in a non-empty --out: the checkpoints, metrics and events there are deleted"""
-    seed: int = 0
-    """seed of the data order, sampling and the trainers"""
-    torch_threads: int = 1
-    """torch threads per process (2-core box: 1 each)"""
+    seed: int = 0  # seed of the data order, sampling and the trainers
+    torch_threads: int = 1  # torch threads per process (2-core box: 1 each)
     stall_timeout_s: float = 120.0
     """end the run when a child process shows no sign of life for this long (stopped, frozen)"""
-    dry_run: bool = False
-    """print the resolved config and exit without starting anything"""
+    dry_run: bool = False  # print the resolved config and exit without starting anything
 
 
 # The blog's table of values (lr, its linear decay, grad clip, per-sequence loss mean and eval
@@ -194,12 +153,9 @@ PRESETS = {"none": {}, "blog": BLOG_PRESET}
 def parse_args(argv: list[str] | None = None) -> Args:
     """tyro CLI whose defaults are the chosen preset, so explicit flags override the preset."""
     argv = sys.argv[1:] if argv is None else argv
-    preset = "none"
-    for i, a in enumerate(argv):
-        if a.startswith("--preset="):
-            preset = a.split("=", 1)[1]
-        elif a == "--preset" and i + 1 < len(argv):
-            preset = argv[i + 1]
+    given = [b if a == "--preset" else a[9:] for a, b in zip(argv, argv[1:] + [""])
+             if a == "--preset" or a.startswith("--preset=")]
+    preset = given[-1] if given else "none"
     if preset not in PRESETS:
         raise SystemExit(f"train.py: error: unknown preset {preset!r} (choose from {sorted(PRESETS)})")
     return tyro.cli(Args, args=argv, default=replace(Args(), preset=preset, **PRESETS[preset]))
@@ -215,26 +171,23 @@ def traj_per_step(args: Args) -> int:
     return args.batch_size
 
 
+FLAG_RULES = {  # checked first by check_args, one clear line for the first flag out of range
+    ">= 1": ("n_generators", "n_trainers", "batch_size", "cispo_groups", "group_size", "bon_n",
+             "prompts_per_call", "mcts_workers", "mcts_iterations", "mcts_k", "max_new_tokens",
+             "max_step_tokens", "sync_every", "steps", "eval_problems", "eval_n",
+             "checkpoint_every", "torch_threads"),
+    "finite >= 0": ("lr", "weight_decay", "c_ppo", "c_value", "c_kl", "temperature",
+                    "eval_temperature", "time_limit_min", "kl_warn"),
+    "finite > 0": ("max_grad_norm", "eps_high", "stall_timeout_s"),
+    ">= 0": ("eval_every", "search_gain_problems"),
+}
+
+
 def check_args(args: Args) -> None:
-    """Fail fast with one clear line on invalid combinations."""
+    """Fail fast with one clear line on invalid values and combinations."""
     def fail(msg: str):
         raise SystemExit(f"train.py: error: {msg}")
-    for name in ("n_generators", "n_trainers", "batch_size", "cispo_groups", "group_size", "bon_n",
-                 "prompts_per_call", "mcts_workers", "mcts_iterations", "mcts_k", "max_new_tokens",
-                 "max_step_tokens", "sync_every", "steps", "eval_problems", "eval_n",
-                 "checkpoint_every", "torch_threads"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("lr", "weight_decay", "c_ppo", "c_value", "c_kl", "temperature",
-                 "eval_temperature", "time_limit_min", "kl_warn"):
-        if not getattr(args, name) >= 0 or not math.isfinite(getattr(args, name)):  # NaN too
-            fail(f"--{name.replace('_', '-')} must be a finite number >= 0, got {getattr(args, name)}")
-    for name in ("max_grad_norm", "eps_high", "stall_timeout_s"):
-        if not getattr(args, name) > 0 or not math.isfinite(getattr(args, name)):
-            fail(f"--{name.replace('_', '-')} must be a finite number > 0, got {getattr(args, name)}")
-    for name in ("eval_every", "search_gain_problems"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    infra.check_flags("train.py", asdict(args), FLAG_RULES)
     if args.method == "cispo" and args.group_size < 2:
         fail("--method cispo needs --group-size >= 2 (advantages are relative to the group)")
     if traj_per_step(args) % args.n_trainers:
@@ -494,11 +447,7 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
             test: list) -> None:
     """DDP trainer: rank 0 also publishes weights, evaluates, logs and checkpoints."""
     device = infra.device_for(args.n_generators + rank)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # nccl maps one rank to one GPU: the current device
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=args.n_trainers)
+    infra.init_process_group(device, rank, args.n_trainers, port)  # nccl on GPU, gloo on CPU
     policy, tokenizer = load_policy(args.model)
     # frozen reference for the KL term: the model the run started from (args.model), even on resume
     ref = copy.deepcopy(policy).requires_grad_(False).to(device) if args.c_kl else None
@@ -514,18 +463,11 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
     def wall() -> float:
         return wall0 + time.time() - t_start
 
-    def evaluate() -> dict:
-        # the same seed at every eval: before/after differ by the weights, not the random stream
-        smp = sampler_lib.make_sampler("torch", policy, tokenizer, seed=args.seed)
-        r = evaluation.evaluate(smp, test, n=args.eval_n, temperature=args.eval_temperature,
-                                max_new_tokens=args.max_new_tokens, progress=False)
-        row = {f"eval_mean_at_{args.eval_n}": r["mean_at_n"], "eval_ci95": r["ci95"],
-               "eval_format_rate": r["format_rate"], "eval_mean_len": r["mean_len"]}
-        if args.method == "mcts" and args.search_gain_problems:
-            row.update(diagnostics.search_gain(
-                smp, test[:args.search_gain_problems], mcts_config(args), n=args.eval_n,
-                max_new_tokens=args.max_new_tokens, temperature=args.temperature))
-        return row
+    def evaluate() -> dict:  # mean@16 (and an mcts run's search gain) on the eval problems
+        return diagnostics.eval_row(policy, tokenizer, test, args.eval_n, args.eval_temperature,
+                                    args.max_new_tokens, args.seed, search=mcts_config(args)
+                                    if args.method == "mcts" else None,
+                                    search_problems=args.search_gain_problems)
 
     def time_up() -> bool:
         return 0 < args.time_limit_min * 60 <= time.time() - t_start
@@ -550,8 +492,8 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
         if batch is None:  # main asked us to stop, or (rank 0) time is up or a signal came
             if not sh.stop.is_set():
                 if not sh.finish.is_set():
-                    sh.log_q.put({"event": "warning", "step": step, "message": "time limit reached "
-                                  "while waiting for trajectories: stopped without the final eval"})
+                    infra.warn(sh, step, "time limit reached while waiting for trajectories: "
+                                         "stopped without the final eval")
                 if saved != step:
                     checkpoint()
                 sh.log_q.put({"done": step})
@@ -568,9 +510,7 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
         # rank 0's clock (and a stop request) decides the end, for every rank
         stopping = infra.any_rank(rank == 0 and (time_up() or sh.finish.is_set()), device)
         last = step == args.steps or stopping
-        if infra.CHECKSUMS:  # every rank: DDP must leave the ranks' weights identical
-            sh.log_q.put({"event": "weights", "rank": rank, "step": step,
-                          "checksum": infra.weights_checksum(policy.state_dict())})
+        infra.log_checksum(sh, rank, step, policy)  # tests: DDP keeps the ranks' weights identical
         if rank != 0:
             continue
         alarms.check(sh, step, stats["skipped_step"], row["kl"])
@@ -606,13 +546,11 @@ def run(args: Args) -> int:
         policy, _ = load_policy(str(ckpt) if ckpt else model)
     except SystemExit as e:  # value_head's one-line load errors, as train.py's
         raise SystemExit(f"train.py: error: {e}") from None
-    infra.claim_run_dir(out, asdict(args), state["step"] if state else None, args.overwrite)
+    resumed_step = state["step"] if state else None
+    infra.claim_run_dir(out, asdict(args), resumed_step, args.overwrite)
     args = replace(args, model=model)  # config.json keeps "tiny"; the children load the directory
-    start_step = state["step"] if state else 0
-    sh = infra.make_shared(policy, version=start_step, queue_size=2 * traj_per_step(args),
-                           data_position=state["data_position"] if state else [0] * G,
-                           generated_tokens=state["generated_tokens"] if state else [0] * G,
-                           n_children=G + args.n_trainers, logged=start_step if state else -1)
+    sh = infra.make_shared(policy, state, G, n_children=G + args.n_trainers,
+                           queue_size=2 * traj_per_step(args))
     del policy
     train, test = countdown.make_splits()  # fixed dataset; --seed changes order and sampling
     port, t_start = infra.free_port(), time.time()
@@ -622,7 +560,7 @@ def run(args: Args) -> int:
                  for r in range(args.n_trainers)}
     rc = infra.supervise(children, sh, out, t_start, threads=args.torch_threads,
                          desc=f"{args.method} training", time_limit_s=args.time_limit_min * 60,
-                         steps=args.steps, start_step=start_step, eval_n=args.eval_n,
+                         steps=args.steps, start_step=resumed_step or 0, eval_n=args.eval_n,
                          stall_timeout_s=args.stall_timeout_s)
     if rc == 0:
         infra.print_summary(out, args.eval_n, args.eval_problems)
