@@ -31,10 +31,13 @@ sys.path.insert(0, str(ROOT))
 import plots
 from eval import paired_difference
 
-# arm -> train.py flags (an arm is a method with its settings)
+# arm -> train.py flags (an arm is a method with its settings). The mcts arms name c_puct: the
+# first batches ran at the blog's 0.5, before train.py's default became 2.0 (it selects better
+# trajectories at the CPU default's M = 12: benchmarks/README.md).
 ARMS = {
-    "mcts": ["--method", "mcts"],
-    "mcts-tree": ["--method", "mcts", "--mcts-baseline", "tree"],
+    "mcts": ["--method", "mcts", "--c-puct", "0.5"],
+    "mcts-tree": ["--method", "mcts", "--mcts-baseline", "tree", "--c-puct", "0.5"],
+    "mcts-tree-c2": ["--method", "mcts", "--mcts-baseline", "tree", "--c-puct", "2.0"],
     "cispo": ["--method", "cispo"],
     "bon": ["--method", "bon"],
     "sft": ["--method", "sft"],
