@@ -264,7 +264,7 @@ class Args:
     temperature: float = 1.0  # sampling temperature (the author's eval used 0.2)
     max_new_tokens: int = 128  # cap on one completion
     batch_size: int = 16  # problems per sampler call (each with n samples)
-    backend: str = "torch"  # sampler backend (sampler.make_sampler)
+    backend: str = "auto"  # auto (by model size: sampler.choose_backend), torch or vllm
     seed: int = 0  # sampler seed
     data_seed: int = 0  # countdown.make_splits seed: the test split
     out: Path = Path("summary.json")  # JSON summary (and, with --budget-tokens, a budget plot PNG)
@@ -304,10 +304,11 @@ def main(args: Args) -> dict:
 
         torch.set_num_threads(args.threads)
     import tiny  # model side imported here: the eval math above needs none
-    from sampler import make_sampler
+    from sampler import choose_backend, make_sampler
     from value_head import load_policy
 
     policy, tokenizer = load_policy(tiny.resolve_model(args.checkpoint))
+    args.backend = choose_backend(args.backend, policy)
     sampler = make_sampler(args.backend, policy, tokenizer, seed=args.seed)
     _, test = make_splits(args.data_seed)
     problems = test[:args.limit] if args.limit else test

@@ -54,7 +54,9 @@ class Args:
     TreeRL (treerl.py), or the control sft: the solver's traces (the warm start's data)"""
     preset: Literal["none", "blog"] = "none"  # 'blog': the blog's table (explicit flags still win)
     model: str = "tiny"  # 'tiny' (embedded char-level Qwen2), a local checkpoint dir or a HF hub id
-    backend: Literal["torch", "vllm"] = "torch"  # generator sampling engine (vllm is the GPU path)
+    backend: Literal["auto", "torch", "vllm"] = "auto"
+    """generators' sampling engine; auto: torch for small models (the tiny one), vLLM from 100M
+    parameters when installed (faster there: sampler.choose_backend)"""
     n_generators: int = 1  # number of generator processes (blog: Ng = 6)
     n_trainers: int = 1  # number of DDP trainer processes (blog: Nt = 2)
     batch_size: int = 8  # trajectories per optimizer step for mcts/bon/sft (blog: 32)
@@ -543,6 +545,7 @@ def run(args: Args) -> int:
     except SystemExit as e:  # value_head's one-line load errors, as train.py's
         raise SystemExit(f"train.py: error: {e}") from None
     resumed_step = state["step"] if state else None
+    args = replace(args, backend=sampler_lib.choose_backend(args.backend, policy))  # "auto"
     infra.claim_run_dir(out, asdict(args), resumed_step, args.overwrite)
     args = replace(args, model=model)  # config.json keeps "tiny"; the children load the directory
     sh = infra.make_shared(policy, state, G, n_children=G + args.n_trainers,

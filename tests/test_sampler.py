@@ -6,8 +6,9 @@ import torch
 from test_value_head import char_tokenizer, random_policy
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
+import sampler
 from fast_decoder import MIN_SHARED_PREFIX, Qwen2Decoder, shared_prefix_groups
-from sampler import HFDecoder, TorchSampler, left_pad, make_sampler
+from sampler import HFDecoder, TorchSampler, choose_backend, left_pad, make_sampler
 from value_head import PolicyWithValue
 
 PROMPTS = ["12+3=15", "7*8", "(13-4)*3=27 ab", "x"]  # ragged lengths 7, 3, 14, 1
@@ -350,3 +351,16 @@ def test_bad_arguments_and_backends():
     except ImportError:
         with pytest.raises(SystemExit, match="needs the vllm package"):
             make_sampler("vllm", policy, tok)
+
+
+def test_auto_backend_by_model_size(monkeypatch, capsys):
+    big = torch.nn.Linear(10_000, 10_000, bias=False, device="meta")  # 1e8 parameters, no memory
+    just_below = torch.nn.Linear(9_999, 10_000, bias=False, device="meta")
+    monkeypatch.setattr(sampler, "find_spec", lambda name: object())  # vllm "installed"
+    assert choose_backend("auto", big) == "vllm"
+    assert choose_backend("auto", just_below) == "torch"
+    assert (choose_backend("torch", big), choose_backend("vllm", just_below)) == ("torch", "vllm")
+    monkeypatch.setattr(sampler, "find_spec", lambda name: None)  # not installed: torch, one note
+    assert choose_backend("auto", big) == "torch"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install -r requirements-vllm.txt" in err

@@ -448,6 +448,7 @@ def test_mcts_end_to_end(tiny_test_model, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "mean@2 on 2 test problems" in r.stdout
     rows = check_run(out, str(tiny_test_model), 3, "mcts")
+    assert json.loads((out / "config.json").read_text())["backend"] == "torch"  # auto: a small model
     for row in rows:  # the search measures itself: per batch, and against samples at each eval
         if "train_reward" in row:
             assert 1 <= row["search_depth"] and 0 <= row["search_from_rollout"] <= 1
