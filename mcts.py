@@ -38,11 +38,12 @@ Interpretation choices (the README links here):
   children of that last node are already sampled and evaluated (a terminal's reward, or V(s)),
   so the best-evaluated one is taken (ties: higher prior) rather than sampling anew; only if it
   is not terminal does one policy rollout finish the answer.
-- c_puct: the blog's 0.5 is MCTSConfig's default and `--preset blog`'s; train.py's CPU default
-  is 2.0. At its M = 12 (192 selections a tree, the author's code makes 1,600) a larger weight
-  on the prior selected better trajectories from the tiny start model, measured on training
-  problems by benchmarks/search_gain.py (tuned on 384, checked on 384 others: exact success
-  16.7% at 0.5, 22.4% at 2.0, 26.3% at 3.0; one sample 5.9%), at fewer tokens per tree.
+- c_puct stays the blog's 0.5 everywhere. At train.py's M = 12 (192 selections a tree; the
+  author's code makes 1,600) a larger weight on the prior selects trajectories with more exact
+  answers from the tiny start model (benchmarks/search_gain.py on 384 held-out training
+  problems: 16.7% at 0.5, 22.4% at 2.0, 26.3% at 3.0; one sample 5.8-6.6%), but distilling the
+  search at 2.0 ended lower than at 0.5 (README Results, `mcts-tree-c2`): selection quality on
+  the start model is not what the trained policy gains from.
 - Token budget (`max_tree_tokens`, for equal-compute comparisons in eval.py): the search of a
   tree stops when the next expansion could overrun it, counting each expansion at its worst case
   (K samples of max_step_tokens) and keeping max_total_tokens for the final rollout.

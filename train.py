@@ -83,7 +83,7 @@ class Args:
     """MCTS iterations per worker, M (blog: 100): a tree gets mcts_workers x M selections in M
     batched rounds, and an answer at depth d needs M >= d + 1 rounds (mcts.py)"""
     mcts_k: int = 4  # completions per expanded leaf, K (blog: 4)
-    c_puct: float = 2.0  # pUCT exploration (blog: 0.5; at our M, 2.0 selects better: search_gain)
+    c_puct: float = 0.5  # pUCT exploration coefficient (blog: 0.5)
     mcts_virtual_value: float = -1.0
     """value each virtual visit counts with: -1 = classic virtual loss (default), 0 = visits only (blog table)"""
     mcts_max_tree_tokens: int = 0

@@ -32,8 +32,8 @@ import plots
 from eval import paired_difference
 
 # arm -> train.py flags (an arm is a method with its settings). The mcts arms name c_puct: the
-# first batches ran at the blog's 0.5, before train.py's default became 2.0 (it selects better
-# trajectories at the CPU default's M = 12: benchmarks/README.md).
+# default is the blog's 0.5; 2.0 selects better trajectories from the start model at the CPU
+# default's M = 12 (benchmarks/README.md) and is its own arm.
 ARMS = {
     "mcts": ["--method", "mcts", "--c-puct", "0.5"],
     "mcts-tree": ["--method", "mcts", "--mcts-baseline", "tree", "--c-puct", "0.5"],
