@@ -55,22 +55,17 @@ class Args:
     preset: Literal["none", "blog"] = "none"  # 'blog': the blog's table (explicit flags still win)
     model: str = "tiny"  # 'tiny' (embedded char-level Qwen2), a local checkpoint dir or a HF hub id
     backend: Literal["auto", "torch", "vllm"] = "auto"
-    """generators' sampling engine; auto: torch for small models (the tiny one), vLLM from 100M
-    parameters when installed (faster there: sampler.choose_backend)"""
+    """sampling engine; auto: torch below 100M parameters, else vLLM if installed (sampler.py)"""
     n_generators: int = 1  # number of generator processes (blog: Ng = 6)
     n_trainers: int = 1  # number of DDP trainer processes (blog: Nt = 2)
     batch_size: int = 8  # trajectories per optimizer step for mcts/bon/sft (blog: 32)
     cispo_groups: int = 2  # prompts per step for cispo/treepo/treerl, each x group_size (blog: 128)
     group_size: int = 16
-    """CISPO group size: samples per prompt sharing a group-relative advantage (blog: 16); also
-    TreePO's tree width w (trajectories per prompt)"""
-    normalize_std: bool = False
-    """divide CISPO group advantages by the group std (GRPO) instead of mean-centring only (Dr. GRPO)"""
+    """samples per prompt of a CISPO group (blog: 16); also TreePO's tree width w"""
+    normalize_std: bool = False  # CISPO: divide by the group std (GRPO), not only centre (Dr. GRPO)
     bon_n: int = 64  # best-of-N: samples per prompt, the best by dense reward trained on (blog: 64)
-    prompts_per_call: int = 4
-    """prompts a generator handles per batched call (MCTS trees searched together, CISPO groups, BoN prompts)"""
-    treepo_segment_len: int = 16
-    """TreePO: tokens per segment L (paper: 512); max depth = max_new_tokens // L"""
+    prompts_per_call: int = 4  # prompts per batched call (MCTS trees, CISPO groups, BoN prompts)
+    treepo_segment_len: int = 16  # TreePO: tokens per segment L (paper: 512)
     treepo_branch: int = 2  # TreePO: forks per node and round b (paper: 2)
     treerl_m: int = 6  # TreeRL: initial i.i.d. responses per prompt M (paper: 6)
     treerl_n: int = 2  # TreeRL: forking points (top -log pi) per tree and iteration N (paper: 2)
@@ -84,20 +79,16 @@ class Args:
     batched rounds, and an answer at depth d needs M >= d + 1 rounds (mcts.py)"""
     mcts_k: int = 4  # completions per expanded leaf, K (blog: 4)
     c_puct: float = 0.5  # pUCT exploration coefficient (blog: 0.5)
-    mcts_virtual_value: float = -1.0
-    """value each virtual visit counts with: -1 = classic virtual loss (default), 0 = visits only (blog table)"""
-    mcts_max_tree_tokens: int = 0
-    """MCTS token budget per tree (0: none; bound by M alone): search + rollout stay within it"""
+    mcts_virtual_value: float = -1.0  # virtual visit's value: -1 virtual loss, 0 visits only (blog)
+    mcts_max_tree_tokens: int = 0  # MCTS tokens per tree, search + rollout (0: M bounds)
     mcts_select: Literal["visits", "q", "best_reward"] = "visits"
     """greedy selection after search: most-visited child (blog), highest Q, or best terminal reward"""
     mcts_baseline: Literal["value", "tree"] = "value"
-    """advantage of the selected trajectory: r - sg(V(s_t)) (blog), or r minus the mean reward of
-    the answers in its tree (a per-prompt baseline at no extra sampling)"""
+    """A = r - sg(V(s_t)) (blog), or r - mean reward of the tree's answers (no extra sampling)"""
     mcts_value_targets: Literal["path", "tree"] = "path"  # value targets: path (blog), all answers
     kl_warn: float = 0.1  # warn once when the k3 KL to the start model passes this (0: never)
     search_gain_problems: int = 16
-    """mcts runs: at each eval, search this many eval problems (at most eval_problems) and log the
-    selected reward minus the mean reward of eval_n i.i.d. samples on them (search gain); 0: off"""
+    """mcts: at each eval, the search gain on this many eval problems (vs eval_n samples; 0: off)"""
     temperature: float = 1.0  # generators' sampling temperature (log-probs: the raw policy's)
     max_new_tokens: int = 96  # token cap of a whole completion (CISPO/BoN samples, eval)
     max_step_tokens: int = 32  # token cap of one reasoning step (one MCTS expansion, up to </step>)
@@ -109,9 +100,7 @@ class Args:
     c_ppo: float = 1.0  # policy loss weight c_ppo (blog: 1.0)
     c_value: float = 1.0  # value loss weight c_value (blog: 1.0)
     c_kl: float = 0.05  # k3 KL(pi_theta || pi_ref) weight c_KL (blog: 0.05)
-    lr: float = 5e-6
-    """AdamW learning rate (blog author's code: 5e-6; at 3e-5 CISPO's KL to the start passed 0.4
-    within 700 steps, README "Stability")"""
+    lr: float = 5e-6  # AdamW lr (author's code: 5e-6; at 3e-5 the KL drifted: figures/README.md)
     lr_schedule: Literal["constant", "linear"] = "constant"
     """constant, or linear decay to 0 at --steps (blog author's code: linear, no warm-up)"""
     loss_agg: Literal["token", "sequence"] = "token"
@@ -119,22 +108,18 @@ class Args:
     weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 0.1  # gradient norm clipping (blog author's code: 0.1)
     steps: int = 100000  # optimizer steps (the CPU default is bounded by --time-limit-min instead)
-    time_limit_min: float = 12.0
-    """stop training at the first step after this many minutes from launch, then eval and checkpoint (0: no limit)"""
-    eval_every: int = 100
-    """evaluate mean@n every this many steps (also before the first and after the last step); 0: only those two"""
+    time_limit_min: float = 12.0  # stop after this many minutes: eval, checkpoint (0: no limit)
+    eval_every: int = 100  # eval every N steps, before the first and after the last (0: only those)
     eval_problems: int = 200  # eval on the first this many test problems (blog: all 820)
     eval_n: int = 16  # samples per eval problem: mean@16 (blog)
     eval_temperature: float = 1.0  # sampling temperature for eval
     checkpoint_every: int = 100  # write a checkpoint every this many steps (and at the end)
     out: str = ""  # run directory (default runs/<method>-seed<seed>)
     resume: str = ""  # run dir to continue from its latest checkpoint (give the original flags)
-    overwrite: bool = False
-    """start afresh in a non-empty --out: the checkpoints, metrics and events there are deleted"""
+    overwrite: bool = False  # start afresh in a non-empty --out (deletes its checkpoints and logs)
     seed: int = 0  # seed of the data order, sampling and the trainers
     torch_threads: int = 1  # torch threads per process (2-core box: 1 each)
-    stall_timeout_s: float = 120.0
-    """end the run when a child process shows no sign of life for this long (stopped, frozen)"""
+    stall_timeout_s: float = 120.0  # end the run when a child stalls this long (stopped, frozen)
     dry_run: bool = False  # print the resolved config and exit without starting anything
 
 
