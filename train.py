@@ -140,9 +140,12 @@ PRESETS = {"none": {}, "blog": BLOG_PRESET}
 def parse_args(argv: list[str] | None = None) -> Args:
     """tyro CLI whose defaults are the chosen preset, so explicit flags override the preset."""
     argv = sys.argv[1:] if argv is None else argv
-    given = [b if a == "--preset" else a[9:] for a, b in zip(argv, argv[1:] + [""])
-             if a == "--preset" or a.startswith("--preset=")]
-    preset = given[-1] if given else "none"
+    preset = "none"
+    for i, a in enumerate(argv):
+        if a.startswith("--preset="):
+            preset = a.split("=", 1)[1]
+        elif a == "--preset" and i + 1 < len(argv):
+            preset = argv[i + 1]
     if preset not in PRESETS:
         raise SystemExit(f"train.py: error: unknown preset {preset!r} (choose from {sorted(PRESETS)})")
     return tyro.cli(Args, args=argv, default=replace(Args(), preset=preset, **PRESETS[preset]))

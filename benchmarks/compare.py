@@ -33,7 +33,7 @@ from eval import paired_difference
 
 # arm -> train.py flags (an arm is a method with its settings). The mcts arms name c_puct: the
 # default is the blog's 0.5; 2.0 selects better trajectories from the start model at the CPU
-# default's M = 12 (benchmarks/README.md) and is its own arm.
+# default's M = 12 (benchmarks/README.md) but distils worse (README Results): its own arm.
 ARMS = {
     "mcts": ["--method", "mcts", "--c-puct", "0.5"],
     "mcts-tree": ["--method", "mcts", "--mcts-baseline", "tree", "--c-puct", "0.5"],
