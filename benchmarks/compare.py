@@ -34,10 +34,14 @@ from eval import paired_difference
 # arm -> train.py flags (an arm is a method with its settings). The mcts arms name c_puct: the
 # default is the blog's 0.5; 2.0 selects better trajectories from the start model at the CPU
 # default's M = 12 (benchmarks/README.md) but distils worse (README Results): its own arm.
+# mcts-tree-best distils the best-rewarded answer in the tree instead of the greedy pick (the
+# reward is known at training time): does a better selected trajectory make a better policy?
 ARMS = {
     "mcts": ["--method", "mcts", "--c-puct", "0.5"],
     "mcts-tree": ["--method", "mcts", "--mcts-baseline", "tree", "--c-puct", "0.5"],
     "mcts-tree-c2": ["--method", "mcts", "--mcts-baseline", "tree", "--c-puct", "2.0"],
+    "mcts-tree-best": ["--method", "mcts", "--mcts-baseline", "tree", "--c-puct", "0.5",
+                       "--mcts-select", "best_reward"],
     "cispo": ["--method", "cispo"],
     "bon": ["--method", "bon"],
     "sft": ["--method", "sft"],

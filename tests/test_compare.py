@@ -88,3 +88,14 @@ def test_jobs_skip_finished_runs_and_resume_unfinished(tmp_path):
     assert cmds[0][1] == "eval.py"
     with pytest.raises(KeyError):
         compare.job_for("nope", 0, A, results)
+
+
+def test_every_arm_parses_to_its_settings():
+    """A typo in an arm's flags would otherwise surface only when that arm's run starts."""
+    import train
+    for arm, flags in compare.ARMS.items():
+        args = train.parse_args(flags)
+        assert args.method == flags[flags.index("--method") + 1], arm
+    best = train.parse_args(compare.ARMS["mcts-tree-best"])
+    assert (best.mcts_select, best.mcts_baseline, best.c_puct) == ("best_reward", "tree", 0.5)
+    assert train.parse_args(compare.ARMS["mcts-tree-c2"]).c_puct == 2.0
