@@ -305,7 +305,7 @@ def main(args: Args) -> dict:
         torch.set_num_threads(args.threads)
     import tiny  # model side imported here: the eval math above needs none
     from sampler import choose_backend, make_sampler
-    from value_head import load_policy
+    from value_head import load_policy, machine, model_checksum
 
     policy, tokenizer = load_policy(tiny.resolve_model(args.checkpoint))
     args.backend = choose_backend(args.backend, policy)
@@ -314,7 +314,9 @@ def main(args: Args) -> dict:
     problems = test[:args.limit] if args.limit else test
     summary = {"checkpoint": args.checkpoint, "temperature": args.temperature,
                "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-               "data_seed": args.data_seed}
+               "data_seed": args.data_seed,
+               "checkpoint_checksum": model_checksum(tiny.resolve_model(args.checkpoint)),
+               "machine": machine()}
     if args.budget_tokens:
         summary["bon_select"] = args.bon_select
         summary["search"] = search_eval(

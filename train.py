@@ -42,7 +42,7 @@ import tiny
 import treepo
 import treerl
 from infrastructure import Shared
-from value_head import PolicyWithValue, load_policy
+from value_head import PolicyWithValue, load_policy, machine, model_checksum
 
 
 @dataclass
@@ -534,7 +534,9 @@ def run(args: Args) -> int:
         raise SystemExit(f"train.py: error: {e}") from None
     resumed_step = state["step"] if state else None
     args = replace(args, backend=sampler_lib.choose_backend(args.backend, policy))  # "auto"
-    infra.claim_run_dir(out, asdict(args), resumed_step, args.overwrite)
+    # which start model on which CPU: the tiny default is rebuilt per box, and rounding differs
+    provenance = {"start_checksum": model_checksum(model), "machine": machine()}
+    infra.claim_run_dir(out, asdict(args) | provenance, resumed_step, args.overwrite)
     args = replace(args, model=model)  # config.json keeps "tiny"; the children load the directory
     sh = infra.make_shared(policy, state, G, n_children=G + args.n_trainers,
                            queue_size=2 * traj_per_step(args))

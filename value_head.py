@@ -4,7 +4,9 @@ Blog: "a value head V(s_t) ... implemented as an MLP followed by a tanh function
 final hidden state of the transformer". MCTS reads V at step boundaries; the trainer at every token.
 """
 
+import hashlib
 import os
+import platform
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
@@ -105,6 +107,32 @@ def resolve_checkpoint(path: Path) -> Path:
             raise SystemExit(f"{path} names {name!r}, which is not a checkpoint in {path.parent}")
         return path.parent / name
     return path
+
+
+def model_checksum(model: str) -> str | None:
+    """Fingerprint of a local model's weight files (blake2b of every *.safetensors, by name), or
+    None for a hub id. The tiny default is built on each box, and two CPUs' float rounding can
+    build different start models: runs are compared only with runs from the same start."""
+    path = resolve_checkpoint(Path(model).expanduser())
+    if not path.is_dir():
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def machine() -> str:
+    """The CPU model and torch version: what decides float rounding, hence sampled tokens."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip()
+                   for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def load_policy(model: str, dtype: torch.dtype = torch.float32

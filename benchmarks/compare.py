@@ -3,11 +3,16 @@ optimizer steps, each run's final checkpoint evaluated on all 820 test problems 
 1.0 and 0.2 (the author's), paired per problem with the start model; figures and a table.
 
     python benchmarks/compare.py --arms mcts cispo bon sft --seeds 0 1 --steps 1400 --parallel 2
-    python benchmarks/compare.py --report-only        # redraw figures/compare from results/compare
+    python benchmarks/compare.py --report-only        # redraw every folder's table and figures
 
-Resumable across sessions: a run whose summary is already in results/compare is skipped, an
+Runs are compared only with runs from the same start model: the tiny default is built on each
+box, and two CPUs' rounding can build different ones (the same recipe evaluated 5.4% and 4.8%
+mean@16 on two boxes). So results live in results/compare/tiny-<checksum>/ (the first 12 hex of
+`value_head.model_checksum` of the start model; `tiny-unrecorded` holds the runs from before it
+was recorded), each folder with its own start evals, table and figures (figures/compare/<same>).
+Resumable across sessions: a run whose summary is already in its folder is skipped, an
 unfinished run directory is continued with train.py --resume. Run summaries (config, metrics,
-events, evals; never checkpoints) are copied to results/compare/<arm>-seed<seed>/ as each run
+events, evals; never checkpoints) are copied to <folder>/<arm>-seed<seed>/ as each run
 finishes, ready to commit. Every run uses train.py's defaults (the stabilised settings) plus its
 arm's flags; two runs share the 2-core box with one torch thread each, and the budget is in
 optimizer steps, so the load does not change what a run measures.
@@ -29,7 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import plots
+import tiny
 from eval import paired_difference
+from value_head import model_checksum
 
 # arm -> train.py flags (an arm is a method with its settings). The mcts arms name c_puct: the
 # default is the blog's 0.5; 2.0 selects better trajectories from the start model at the CPU
@@ -49,6 +56,7 @@ ARMS = {
     "treerl": ["--method", "treerl"],
 }
 TEMPERATURES = (1.0, 0.2)
+RESULTS, FIGURES = ROOT / "results" / "compare", ROOT / "figures" / "compare"
 SUMMARY_FILES = ("config.json", "metrics.jsonl", "events.jsonl")
 
 
@@ -135,14 +143,25 @@ def start_jobs(results: Path) -> list[tuple[str, list]]:
     return [("start", [eval_cmd("tiny", t, eval_path(start, t)) for t in missing])]
 
 
+def start_folder() -> str:
+    """This box's start model -> its results folder name (builds the tiny model once)."""
+    return f"tiny-{model_checksum(str(tiny.ensure_tiny()))[:12]}"
+
+
 def report(results: Path, figures: Path) -> str:
-    """Table (mean and range over seeds, paired gain vs start and vs the sft control) + figures."""
+    """Table (mean and range over seeds, paired gain vs start and vs the sft control) + figures.
+    Refuses a run whose recorded start model is not the one the folder's start evals saw."""
     start = {t: json.loads(eval_path(results / "start", t).read_text()) for t in TEMPERATURES
              if eval_path(results / "start", t).is_file()}
+    started = {s.get("checkpoint_checksum") for s in start.values()} - {None}
     runs = {}
     for d in sorted(p for p in results.iterdir() if p.is_dir() and p.name != "start"):
         if not all(eval_path(d, t).is_file() for t in TEMPERATURES):
             continue
+        recorded = json.loads((d / "config.json").read_text()).get("start_checksum")
+        if recorded and started and {recorded} != started:
+            raise SystemExit(f"compare: {d} started from model {recorded[:12]}, but {results} "
+                             f"holds the start evals of {', '.join(sorted(c[:12] for c in started))}")
         arm = d.name.rsplit("-seed", 1)[0]
         rows = plots.read_jsonl(d / "metrics.jsonl")
         train_rows = [r for r in rows if "train_reward" in r]
@@ -222,20 +241,29 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=100, help="200-problem eval every N steps")
     ap.add_argument("--parallel", type=int, default=2, help="runs at a time (one core each)")
     ap.add_argument("--runs", default="runs/compare", help="run directories (checkpoints)")
-    ap.add_argument("--results", type=Path, default=ROOT / "results" / "compare")
-    ap.add_argument("--figures", type=Path, default=ROOT / "figures" / "compare")
+    ap.add_argument("--results", type=Path, help="results folder (default: results/compare/"
+                    "tiny-<checksum of this box's start model>)")
+    ap.add_argument("--figures", type=Path, help="figures folder (default: figures/compare/<the "
+                    "results folder's name>)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("train_flags", nargs="*", help="extra train.py flags for every run (after --)")
     args = ap.parse_args()
     if args.steps < 1 or args.parallel < 1:
         raise SystemExit("compare: --steps and --parallel must be >= 1")
+    if args.report_only and args.results is None:  # every start model's folder
+        for folder in sorted(p for p in RESULTS.iterdir() if (p / "start").is_dir()):
+            print(f"{folder.relative_to(ROOT)}:\n{report(folder, FIGURES / folder.name)}")
+        return
+    results = args.results or RESULTS / start_folder()
+    figures = args.figures or FIGURES / results.name
     if not args.report_only:
-        jobs = start_jobs(args.results)
+        jobs = start_jobs(results)
         jobs += [j for arm in args.arms for seed in args.seeds
-                 if (j := job_for(arm, seed, args, args.results)) is not None]
-        print(f"compare: {len(jobs)} jobs, {args.parallel} at a time", flush=True)
+                 if (j := job_for(arm, seed, args, results)) is not None]
+        print(f"compare: {len(jobs)} jobs, {args.parallel} at a time, results in {results}",
+              flush=True)
         run_jobs(jobs, args.parallel, Path(args.runs) / "logs")
-    print(report(args.results, args.figures), end="")
+    print(report(results, figures), end="")
 
 
 if __name__ == "__main__":

@@ -99,3 +99,22 @@ def test_every_arm_parses_to_its_settings():
     best = train.parse_args(compare.ARMS["mcts-tree-best"])
     assert (best.mcts_select, best.mcts_baseline, best.c_puct) == ("best_reward", "tree", 0.5)
     assert train.parse_args(compare.ARMS["mcts-tree-c2"]).c_puct == 2.0
+
+
+def test_report_refuses_a_run_from_another_start_model(tmp_path):
+    """Gains are paired with the start evals: a run from a different start model (the tiny model
+    rebuilt on another CPU) must not be paired with them."""
+    results = tmp_path / "results"
+    for t in compare.TEMPERATURES:
+        write_eval(results / "start", t, [0.0, 0.5])
+        start = json.loads(compare.eval_path(results / "start", t).read_text())
+        compare.eval_path(results / "start", t).write_text(
+            json.dumps(start | {"checkpoint_checksum": "a" * 32}))
+    write_run(results, "cispo-seed0", "cispo", 0, {t: [0.5, 0.5] for t in compare.TEMPERATURES})
+    compare.report(results, tmp_path / "figures")  # no recorded start (older runs): paired
+    config = results / "cispo-seed0" / "config.json"
+    config.write_text(json.dumps({"method": "cispo", "seed": 0, "start_checksum": "a" * 32}))
+    assert "| cispo | 1 |" in compare.report(results, tmp_path / "figures")
+    config.write_text(json.dumps({"method": "cispo", "seed": 0, "start_checksum": "b" * 32}))
+    with pytest.raises(SystemExit, match="started from model bbbbbbbbbbbb, but .* aaaaaaaaaaaa"):
+        compare.report(results, tmp_path / "figures")

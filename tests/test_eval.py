@@ -228,6 +228,11 @@ def test_threads_flag_sets_torch_threads_or_fails_in_one_line(tiny_test_model, t
         assert torch.get_num_threads() == 1 and summary["n_problems"] == 2
     finally:
         torch.set_num_threads(before)
+    # which model and which CPU: two runs' evals are paired only when the checksums agree
+    from value_head import model_checksum
+    assert summary["checkpoint_checksum"] == model_checksum(str(tiny_test_model))
+    assert len(summary["checkpoint_checksum"]) == 32 and "cores" in summary["machine"]
+    assert model_checksum("Qwen/Qwen2.5-0.5B") is None  # a hub id: nothing local to fingerprint
 
 
 @pytest.mark.parametrize("flags, message", [

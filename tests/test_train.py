@@ -2,6 +2,7 @@
 (generators -> queue -> DDP trainer -> weight sync) on the test-size tiny model."""
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -448,7 +449,14 @@ def test_mcts_end_to_end(tiny_test_model, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "mean@2 on 2 test problems" in r.stdout
     rows = check_run(out, str(tiny_test_model), 3, "mcts")
-    assert json.loads((out / "config.json").read_text())["backend"] == "torch"  # auto: a small model
+    config = json.loads((out / "config.json").read_text())
+    assert config["backend"] == "torch"  # auto: a small model
+    # the start model's fingerprint: blake2b over its weight files, recomputed here by hand
+    h = hashlib.blake2b(digest_size=16)
+    for name in ("model.safetensors", "value_head.safetensors"):
+        h.update(name.encode())
+        h.update((tiny_test_model / name).read_bytes())
+    assert config["start_checksum"] == h.hexdigest() and "torch" in config["machine"]
     for row in rows:  # the search measures itself: per batch, and against samples at each eval
         if "train_reward" in row:
             assert 1 <= row["search_depth"] and 0 <= row["search_from_rollout"] <= 1
