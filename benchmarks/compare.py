@@ -6,8 +6,8 @@ optimizer steps, each run's final checkpoint evaluated on all 820 test problems 
     python benchmarks/compare.py --report-only        # redraw every folder's table and figures
 
 Runs are compared only with runs from the same start model: the tiny default is built on each
-box, and two CPUs' rounding can build different ones (the same recipe evaluated 5.4% and 4.8%
-mean@16 on two boxes). So results live in results/compare/tiny-<checksum>/ (the first 12 hex of
+box, and two CPUs' rounding can build different ones (the same recipe and eval gave 5.4% and
+4.8% mean@16 on two boxes). So results live in results/compare/tiny-<checksum>/ (the first 12 hex of
 `value_head.model_checksum` of the start model; `tiny-unrecorded` holds the runs from before it
 was recorded), each folder with its own start evals, table and figures (figures/compare/<same>).
 Resumable across sessions: a run whose summary is already in its folder is skipped, an
