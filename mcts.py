@@ -38,12 +38,13 @@ Interpretation choices (the README links here):
   children of that last node are already sampled and evaluated (a terminal's reward, or V(s)),
   so the best-evaluated one is taken (ties: higher prior) rather than sampling anew; only if it
   is not terminal does one policy rollout finish the answer.
-- c_puct stays the blog's 0.5 everywhere. At train.py's M = 12 (192 selections a tree; the
-  author's code makes 1,600) a larger weight on the prior selects trajectories with more exact
-  answers from the tiny start model (benchmarks/search_gain.py on 384 held-out training
-  problems: 16.7% at 0.5, 22.4% at 2.0, 26.3% at 3.0; one sample 5.8-6.6%), but distilling the
-  search at 2.0 ended lower than at 0.5 (README Results, `mcts-tree-c2`): selection quality on
-  the start model is not what the trained policy gains from.
+- c_puct: the blog's 0.5 here and in `--preset blog`; train.py's CPU default is 2.0. At its
+  M = 12 (192 selections a tree; the author's code makes 1,600) a larger weight on the prior
+  selects trajectories with more exact answers from the tiny start model
+  (benchmarks/search_gain.py on 384 held-out training problems: 16.7% at 0.5, 22.4% at 2.0,
+  26.3% at 3.0; one sample 5.8-6.6%), and distilling the search at 2.0 ended higher than at 0.5
+  from the same start model (README Results: mean@16 10.1% vs 9.0% at T = 1.0, 13.0% vs 13.2%
+  at T = 0.2, two seeds each).
 - Token budget (`max_tree_tokens`, for equal-compute comparisons in eval.py): the search of a
   tree stops when the next expansion could overrun it, counting each expansion at its worst case
   (K samples of max_step_tokens) and keeping max_total_tokens for the final rollout.

@@ -39,8 +39,8 @@ from eval import paired_difference
 from value_head import model_checksum
 
 # arm -> train.py flags (an arm is a method with its settings). The mcts arms name c_puct: the
-# default is the blog's 0.5; 2.0 selects better trajectories from the start model at the CPU
-# default's M = 12 (benchmarks/README.md) but distils worse (README Results): its own arm.
+# blog's 0.5, or 2.0 (train.py's CPU default since it selects and distils better at M = 12:
+# benchmarks/README.md, README Results).
 # mcts-tree-best distils the best-rewarded answer in the tree instead of the greedy pick (the
 # reward is known at training time): does a better selected trajectory make a better policy?
 ARMS = {

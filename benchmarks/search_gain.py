@@ -49,7 +49,7 @@ class Args:
     iterations: int = TRAIN.mcts_iterations  # M per worker
     workers: int = TRAIN.mcts_workers
     k: int = TRAIN.mcts_k
-    c_puct: float = TRAIN.c_puct  # pUCT exploration (blog: 0.5)
+    c_puct: float = TRAIN.c_puct  # pUCT exploration (blog: 0.5; train.py's default: 2.0)
     virtual_value: float = TRAIN.mcts_virtual_value  # 0: the blog table's visits-only rule
     select: str = TRAIN.mcts_select  # greedy selection: visits (blog), q, best_reward
     samples: int = 16  # i.i.d. policy samples per problem for the "one sample" row

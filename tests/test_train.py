@@ -319,6 +319,7 @@ def test_preset_gives_defaults_and_flags_override():
     assert (args.cispo_groups, args.group_size, args.bon_n, args.eps_high) == (128, 16, 64, 5.0)
     assert (args.mcts_workers, args.mcts_iterations, args.mcts_k) == (16, 100, 4)
     assert (args.c_puct, args.c_kl, args.sync_every) == (0.5, 0.05, 8)
+    assert train.parse_args([]).c_puct == 2.0  # the CPU default (M = 12): see mcts.py
     assert args.model == "Qwen/Qwen2.5-1.5B-Instruct" and args.backend == "vllm"
     assert train.traj_per_step(train.replace(args, method="cispo")) == 128 * 16
     assert train.parse_args([]) == train.Args()
