@@ -307,7 +307,8 @@ def main(args: Args) -> dict:
     from sampler import choose_backend, make_sampler
     from value_head import load_policy, machine, model_checksum
 
-    policy, tokenizer = load_policy(tiny.resolve_model(args.checkpoint))
+    checkpoint = tiny.resolve_model(args.checkpoint)  # "tiny" -> its cached directory
+    policy, tokenizer = load_policy(checkpoint)
     args.backend = choose_backend(args.backend, policy)
     sampler = make_sampler(args.backend, policy, tokenizer, seed=args.seed)
     _, test = make_splits(args.data_seed)
@@ -315,7 +316,7 @@ def main(args: Args) -> dict:
     summary = {"checkpoint": args.checkpoint, "temperature": args.temperature,
                "max_new_tokens": args.max_new_tokens, "seed": args.seed,
                "data_seed": args.data_seed,
-               "checkpoint_checksum": model_checksum(tiny.resolve_model(args.checkpoint)),
+               "checkpoint_checksum": model_checksum(checkpoint),
                "machine": machine()}
     if args.budget_tokens:
         summary["bon_select"] = args.bon_select
