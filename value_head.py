@@ -126,15 +126,21 @@ def model_checksum(model: str) -> str | None:
 
 
 def machine() -> str:
-    """The CPU model and torch version: what decides float rounding, hence sampled tokens."""
-    cpu = platform.processor() or platform.machine()
+    """The CPU (name, family / model numbers, the vector ISA torch's kernels dispatch to) and the
+    torch version: what decides float rounding, hence the tiny model's build and sampled tokens
+    (two boxes both named "AMD EPYC" built different tiny models)."""
+    info: dict[str, str] = {}
     try:
-        cpu = next(line.split(":", 1)[1].strip()
-                   for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())  # the first core's entry
+    except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    cpu = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info:
+        cpu += f" (family {info['cpu family']}, model {info.get('model', '?')})"
+    return (f"{cpu}, {torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores, "
+            f"torch {torch.__version__}")
 
 
 def load_policy(model: str, dtype: torch.dtype = torch.float32

@@ -162,3 +162,21 @@ def test_latest_naming_no_checkpoint_is_one_line_error(tmp_path, pointer):
         load_policy(str(tmp_path / "run"))
     assert str(err.value) == (f"{ckpts / 'latest'} names {pointer.strip()!r}, which is not a "
                               f"checkpoint in {ckpts}")
+
+
+def test_machine_names_the_cpu_generation_and_kernel_isa():
+    """Two boxes both called "AMD EPYC" built different tiny models: the record must tell CPU
+    generations (family / model from /proc/cpuinfo, read here independently) and the vector ISA
+    torch dispatches to apart."""
+    from pathlib import Path
+
+    from value_head import machine
+    record = machine()
+    assert f", {torch.backends.cpu.get_cpu_capability()}, " in record
+    assert record.endswith(f"torch {torch.__version__}")
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        family = next((line.split(":")[1].strip() for line in cpuinfo.read_text().splitlines()
+                       if line.startswith("cpu family")), None)
+        if family is not None:
+            assert f"(family {family}, model " in record
