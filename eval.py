@@ -282,7 +282,22 @@ class Args:
     #                             evals or runs share the cores (oversubscribed, each slows ~5x)
 
 
-def main(args: Args) -> dict:
+def shipped_start_eval(args: Args, n_problems: int) -> dict | None:
+    """`--baseline tiny`: the shipped start model's own eval (tiny_model/start_eval_t*.json) when
+    it was made with these settings, so the start is not sampled again; else None."""
+    import tiny
+
+    start = tiny.start_eval(args.temperature) if args.baseline == "tiny" else None
+    if start is None or start.get("checkpoint_checksum") != tiny.SHIPPED_CHECKSUM:
+        return None
+    settings = {"max_new_tokens": args.max_new_tokens, "seed": args.seed,
+                "data_seed": args.data_seed, "n_samples": args.n, "n_problems": n_problems}
+    return start if all(start.get(k) == v for k, v in settings.items()) else None
+
+
+def main(args: Args, show: bool = True) -> dict:
+    """Evaluate, write args.out; with show, print the summary (train.py's final eval prints its
+    own line)."""
     for method in args.search:
         if method not in SEARCH_METHODS:
             raise SystemExit(f"--search must be among {SEARCH_METHODS}, got {method!r}")
@@ -330,13 +345,17 @@ def main(args: Args) -> dict:
         summary.update(evaluate(sampler, problems, n=args.n, temperature=args.temperature,
                                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size))
         if args.baseline:
-            base_policy, base_tok = load_policy(tiny.resolve_model(args.baseline))
-            base = evaluate(make_sampler(args.backend, base_policy, base_tok, seed=args.seed),
-                            problems, n=args.n, temperature=args.temperature,
-                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+            base = shipped_start_eval(args, len(problems))
+            if base is None:
+                base_policy, base_tok = load_policy(tiny.resolve_model(args.baseline))
+                base = evaluate(make_sampler(args.backend, base_policy, base_tok, seed=args.seed),
+                                problems, n=args.n, temperature=args.temperature,
+                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
             summary["baseline"] = {"checkpoint": args.baseline, **base}
             summary.update(paired_difference(base["per_problem"], summary["per_problem"]))
     args.out.write_text(json.dumps(summary, indent=2))
+    if not show:
+        return summary
     short = {k: v for k, v in summary.items() if k != "per_problem"}  # the file keeps them
     if "baseline" in short:
         short["baseline"] = {k: v for k, v in short["baseline"].items() if k != "per_problem"}

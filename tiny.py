@@ -1,8 +1,10 @@
 """The embedded tiny default model: a character-level Qwen2 warm-started on solver traces.
 
 It plays the blog's "pre-RL instruct model" (Qwen-2.5-1.5B-Instruct, mean@16 = 3.1%): well
-formatted but weak, so RL has room to show learning. No hub, no download: built on this box
-(`python tiny.py`, or the first `train.py --model tiny`; cached, ~6 min once).
+formatted but weak, so RL has room to show learning. No hub, no download: it ships in the
+repository (`tiny_model/`, with its own mean@16 evals), and `--model tiny` loads it. This file is
+the recipe that built it; `python tiny.py` rebuilds it into the cache (~5-8 min) and says whether
+this CPU's float rounding reproduces the shipped weights.
 
 - ~1M parameters, Qwen2 architecture, so the loading and sampling code is the real model's.
 - Tokenizer: Qwen2's byte-level BPE without merges (one token per character); `</step>`,
@@ -11,14 +13,15 @@ formatted but weak, so RL has room to show learning. No hub, no download: built 
   (countdown.make_prompt style "short", declared as `countdown_prompt` in the tokenizer's
   config): the character-level model learns the format from the warm start, and the instruct
   message was ~70% of every sequence it trained and sampled on. Real models get "instruct".
-- Warm start: 2000 supervised steps of 32 solver traces (deterministic per seed). Measured on
-  the 820 test problems: mean@16 4.95% +- 0.56, format rate 98%.
+- Warm start: 2000 supervised steps of 32 solver traces (deterministic per seed and CPU kind);
+  the shipped model's mean@16 and format rate are in `tiny_model/start_eval_t*.json`.
 """
 
 from __future__ import annotations
 
 import argparse
 import fcntl
+import json
 import math
 import os
 import shutil
@@ -32,9 +35,14 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2Tokenizer
 
 import countdown
-from value_head import PolicyWithValue, seeded_value_head
+from value_head import PolicyWithValue, machine, model_checksum, seeded_value_head
 
 CACHE_VERSION = "tiny-v3"  # bump when the recipe changes: ensure_tiny then builds a fresh copy
+# The start model of every run and committed result: built once by this recipe and shipped in the
+# repository, because the build's float rounding follows the CPU (boxes with other vector ISAs
+# built other weights from the same seed). `python tiny.py` says whether this CPU reproduces it.
+SHIPPED = Path(__file__).resolve().parent / "tiny_model"
+SHIPPED_CHECKSUM = "58056a5f5d1f02a217d735d9d1816625"  # value_head.model_checksum(SHIPPED)
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 STEP_TOKENS = ("</step>", "<answer>", "</answer>")  # = countdown.STEP_END, ANSWER_OPEN, ANSWER_CLOSE
@@ -87,9 +95,8 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast, size: str = "default") -> Qw
 
 
 # Warm start: a fixed number of steps (not a time budget) and a fixed torch thread count, so
-# that a seed fixes the weights. The default lands at the blog's pre-RL level (measured: mean@16
-# 4.95% +- 0.56, format 98%, on the 820 test problems; built in ~6 min). Two threads: the build
-# runs alone (before train.py starts any child process, or in `python tiny.py`) and is ~1.8x
+# that a seed fixes the weights on one kind of CPU. The default lands at the blog's pre-RL level
+# (the shipped model's evals). Two threads: the build runs alone (`python tiny.py`) and is ~1.8x
 # faster than one thread on an idle 2-core box (OpenMP threads slow down ~10x when other
 # processes share the cores: don't build beside them).
 SFT = {
@@ -211,18 +218,40 @@ def ensure_tiny(seed: int = 0, cache_dir: str | os.PathLike | None = None,
 
 
 def resolve_model(model: str) -> str:
-    """`--model tiny` -> the cached tiny model's directory (built on first use); anything else
+    """`--model tiny` -> the shipped start model's directory (never a build); anything else
     unchanged. The entry scripts call this once and pass the path down."""
-    return str(ensure_tiny()) if model == "tiny" else model
+    if model != "tiny":
+        return model
+    if not all((SHIPPED / f).is_file() for f in ("config.json", "model.safetensors")):
+        raise SystemExit(f"the shipped tiny model is missing from {SHIPPED}: restore it with "
+                         "`git checkout -- tiny_model` (`python tiny.py` builds the recipe instead)")
+    return str(SHIPPED)
+
+
+def start_eval(temperature: float = 1.0) -> dict | None:
+    """The shipped start model's mean@16 on all 820 test problems at this temperature, per
+    problem (eval.py's JSON): what a run's final eval is paired with. None if not shipped."""
+    path = SHIPPED / f"start_eval_t{temperature:g}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="Build (if missing) the tiny default model and print "
-                                 "its directory; `python eval.py --checkpoint tiny` evaluates it.")
+    ap = argparse.ArgumentParser(description="Build the tiny model from its recipe into the cache, "
+                                 "print its directory and whether this CPU reproduces the shipped "
+                                 "start model (runs always use the shipped one).")
     ap.add_argument("--seed", type=int, default=0, help="model seed (init, data order, splits)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild even if cached")
     args = ap.parse_args()
-    print(ensure_tiny(args.seed, rebuild=args.rebuild))
+    path = ensure_tiny(args.seed, rebuild=args.rebuild)
+    built = model_checksum(str(path))
+    print(path)
+    if args.seed != 0:
+        print(f"checksum {built} (the shipped model is seed 0)")
+    elif built == SHIPPED_CHECKSUM:
+        print(f"checksum {built}: reproduces the shipped start model ({SHIPPED})")
+    else:
+        print(f"checksum {built}: differs from the shipped start model's {SHIPPED_CHECKSUM} (the "
+              f"build's float rounding follows the CPU: {machine()}); runs use the shipped one")
 
 
 if __name__ == "__main__":

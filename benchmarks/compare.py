@@ -2,15 +2,15 @@
 optimizer steps, each run's final checkpoint evaluated on all 820 test problems at temperature
 1.0 and 0.2 (the author's), paired per problem with the start model; figures and a table.
 
-    python benchmarks/compare.py --arms mcts cispo bon sft --seeds 0 1 --steps 1400 --parallel 2
-    python benchmarks/compare.py --report-only        # redraw every folder's table and figures
+    python benchmarks/compare.py --arms mcts-whole cispo --seeds 0 1 --steps 1400 --parallel 2
+    python benchmarks/compare.py --report-only        # redraw the table and figures
 
-Runs are compared only with runs from the same start model: the tiny default is built on each
-box, and two CPUs' rounding can build different ones (the same recipe and eval gave 5.4% and
-4.8% mean@16 on two boxes). So results live in results/compare/tiny-<checksum>/ (the first 12 hex of
-`value_head.model_checksum` of the start model; `tiny-unrecorded` holds the runs from before it
-was recorded), each folder with its own start evals, table and figures (figures/compare/<same>).
-Resumable across sessions: a run whose summary is already in its folder is skipped, an
+Every run starts from the shipped tiny model (tiny_model/, whose own evals are the pairing
+baseline), so runs from any box pool in results/compare/ (figures in figures/compare/); a run
+that recorded another start model is refused. results/compare/history/ keeps the runs from
+before the model shipped, one folder per start model with its own start/ evals
+(`--results results/compare/history/<folder> --report-only` redraws one).
+Resumable across sessions: a run whose summary is already in the folder is skipped, an
 unfinished run directory is continued with train.py --resume. Run summaries (config, metrics,
 events, evals; never checkpoints) are copied to <folder>/<arm>-seed<seed>/ as each run
 finishes, ready to commit. Every run uses train.py's defaults (the stabilised settings) plus its
@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 import plots
 import tiny
+import train
 from eval import paired_difference
-from value_head import model_checksum
 
 # arm -> train.py flags (an arm is a method with its settings). The mcts arms name c_puct: the
 # blog's 0.5, or 2.0 (train.py's CPU default since it selects and distils better at M = 12:
@@ -44,11 +45,14 @@ from value_head import model_checksum
 # mcts-tree-best distils the best-rewarded answer in the tree instead of the greedy pick (the
 # reward is known at training time): does a better selected trajectory make a better policy?
 ARMS = {
-    "mcts": ["--method", "mcts", "--c-puct", "0.5"],
+    "mcts": ["--method", "mcts", "--mcts-baseline", "value", "--c-puct", "0.5"],
     "mcts-tree": ["--method", "mcts", "--mcts-baseline", "tree", "--c-puct", "0.5"],
     "mcts-tree-c2": ["--method", "mcts", "--mcts-baseline", "tree", "--c-puct", "2.0"],
     "mcts-tree-best": ["--method", "mcts", "--mcts-baseline", "tree", "--c-puct", "0.5",
                        "--mcts-select", "best_reward"],
+    "mcts-whole": ["--method", "mcts", "--mcts-distill", "whole", "--c-puct", "2.0"],
+    "mcts-whole-step": ["--method", "mcts", "--mcts-distill", "whole", "--mcts-credit", "step",
+                        "--c-puct", "2.0"],
     "cispo": ["--method", "cispo"],
     "bon": ["--method", "bon"],
     "sft": ["--method", "sft"],
@@ -111,7 +115,7 @@ def job_for(arm: str, seed: int, args, results: Path) -> tuple[str, list] | None
         return None
     train = [sys.executable, "train.py", *ARMS[arm], "--seed", str(seed), "--steps",
              str(args.steps), "--time-limit-min", "0", "--torch-threads", "1",
-             "--eval-every", str(args.eval_every), *args.train_flags]
+             "--eval-every", str(args.eval_every), "--no-final-eval", *args.train_flags]
     if (run_dir / "checkpoints" / "latest").is_file():
         train += ["--resume", str(run_dir)]
     else:
@@ -133,29 +137,22 @@ def job_for(arm: str, seed: int, args, results: Path) -> tuple[str, list] | None
     return name, cmds
 
 
-def start_jobs(results: Path) -> list[tuple[str, list]]:
-    """The start model's evals (the pairing baseline), once."""
-    start = results / "start"
-    missing = [t for t in TEMPERATURES if not eval_path(start, t).is_file()]
-    if not missing:
-        return []
-    start.mkdir(parents=True, exist_ok=True)
-    return [("start", [eval_cmd("tiny", t, eval_path(start, t)) for t in missing])]
-
-
-def start_folder() -> str:
-    """This box's start model -> its results folder name (builds the tiny model once)."""
-    return f"tiny-{model_checksum(str(tiny.ensure_tiny()))[:12]}"
+def start_evals(results: Path) -> dict[float, dict]:
+    """The start model's evals, the pairing baseline: the shipped model's own (tiny_model/), or
+    a history folder's start/."""
+    if (results / "start").is_dir():
+        return {t: json.loads(eval_path(results / "start", t).read_text()) for t in TEMPERATURES
+                if eval_path(results / "start", t).is_file()}
+    return {t: e for t in TEMPERATURES if (e := tiny.start_eval(t)) is not None}
 
 
 def report(results: Path, figures: Path) -> str:
     """Table (mean and range over seeds, paired gain vs start and vs the sft control) + figures.
-    Refuses a run whose recorded start model is not the one the folder's start evals saw."""
-    start = {t: json.loads(eval_path(results / "start", t).read_text()) for t in TEMPERATURES
-             if eval_path(results / "start", t).is_file()}
+    Refuses a run whose recorded start model is not the one the start evals saw."""
+    start = start_evals(results)
     started = {s.get("checkpoint_checksum") for s in start.values()} - {None}
     runs = {}
-    for d in sorted(p for p in results.iterdir() if p.is_dir() and p.name != "start"):
+    for d in sorted(p for p in results.iterdir() if p.is_dir() and p.name not in ("start", "history")):
         if not all(eval_path(d, t).is_file() for t in TEMPERATURES):
             continue
         recorded = json.loads((d / "config.json").read_text()).get("start_checksum")
@@ -166,8 +163,12 @@ def report(results: Path, figures: Path) -> str:
         rows = plots.read_jsonl(d / "metrics.jsonl")
         train_rows = [r for r in rows if "train_reward" in r]
         evals = {t: json.loads(eval_path(d, t).read_text()) for t in TEMPERATURES}
+        config = json.loads((d / "config.json").read_text())
+        per_step = train.traj_per_step(replace(train.Args(), **{
+            k: v for k, v in config.items() if k in train.Args.__dataclass_fields__}))
         runs.setdefault(arm, []).append({
             "dir": d, "steps": train_rows[-1]["step"], "tokens": train_rows[-1]["generated_tokens"],
+            "trained": per_step * sum(r.get("completion_len", np.nan) for r in train_rows),
             "evals": evals, "kl": np.mean([r["kl"] for r in train_rows[-100:]]),
             "curve": [(r.get("generated_tokens", 0), r["eval_mean_at_16"]) for r in rows
                       if "eval_mean_at_16" in r]})
@@ -196,11 +197,12 @@ def report(results: Path, figures: Path) -> str:
 
     header = ("| arm | seeds | steps | generated tokens | mean@16 T=1.0 | mean@16 T=0.2 | gain vs "
               "start T=1.0 | gain vs start T=0.2 | gain vs sft T=1.0 | gain vs sft T=0.2 | "
-              f"200-problem eval at {budget / 1e6:.2f} M tokens | KL (last 100) |")
-    lines = [header, "| --- " * 12 + "|"]
+              f"200-problem eval at {budget / 1e6:.2f} M tokens | KL (last 100) | "
+              "generated per trained token |")
+    lines = [header, "| --- " * 13 + "|"]
     if start:
         lines.append(f"| start | | 0 | 0 | {spread([start[1.0]['mean_at_n']])} | "
-                     f"{spread([start[0.2]['mean_at_n']])} | | | | | | |")
+                     f"{spread([start[0.2]['mean_at_n']])} | | | | | | | |")
     sft = {seed_of(r): r for r in runs.get("sft", [])}
     order = sorted(runs, key=lambda a: -np.mean([r["evals"][1.0]["mean_at_n"] for r in runs[a]]))
     for arm in order:
@@ -216,6 +218,8 @@ def report(results: Path, figures: Path) -> str:
             cells.append(spread(versus, 100, " pt") if versus and arm != "sft" else "")
         cells.append(spread([at_budget(r) for r in arm_runs]) if arm != "sft" else "")
         cells.append(spread([r["kl"] for r in arm_runs], 1, "", 3))
+        ratios = [r["tokens"] / r["trained"] for r in arm_runs if r["trained"] > 0]
+        cells.append(spread(ratios, 1, "", 1) if ratios and arm != "sft" else "")
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     figures.mkdir(parents=True, exist_ok=True)
@@ -241,25 +245,20 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=100, help="200-problem eval every N steps")
     ap.add_argument("--parallel", type=int, default=2, help="runs at a time (one core each)")
     ap.add_argument("--runs", default="runs/compare", help="run directories (checkpoints)")
-    ap.add_argument("--results", type=Path, help="results folder (default: results/compare/"
-                    "tiny-<checksum of this box's start model>)")
-    ap.add_argument("--figures", type=Path, help="figures folder (default: figures/compare/<the "
-                    "results folder's name>)")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="results folder")
+    ap.add_argument("--figures", type=Path, help="figures folder (default: figures/compare/, or "
+                    "figures/compare/history/<folder> for a history folder)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("train_flags", nargs="*", help="extra train.py flags for every run (after --)")
     args = ap.parse_args()
     if args.steps < 1 or args.parallel < 1:
         raise SystemExit("compare: --steps and --parallel must be >= 1")
-    if args.report_only and args.results is None:  # every start model's folder
-        for folder in sorted(p for p in RESULTS.iterdir() if (p / "start").is_dir()):
-            print(f"{folder.relative_to(ROOT)}:\n{report(folder, FIGURES / folder.name)}")
-        return
-    results = args.results or RESULTS / start_folder()
-    figures = args.figures or FIGURES / results.name
+    results = args.results
+    figures = args.figures or (FIGURES / "history" / results.name
+                               if results.parent.name == "history" else FIGURES)
     if not args.report_only:
-        jobs = start_jobs(results)
-        jobs += [j for arm in args.arms for seed in args.seeds
-                 if (j := job_for(arm, seed, args, results)) is not None]
+        jobs = [j for seed in args.seeds for arm in args.arms  # every arm's seed 0 first
+                if (j := job_for(arm, seed, args, results)) is not None]
         print(f"compare: {len(jobs)} jobs, {args.parallel} at a time, results in {results}",
               flush=True)
         run_jobs(jobs, args.parallel, Path(args.runs) / "logs")

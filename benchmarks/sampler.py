@@ -25,10 +25,9 @@ from value_head import PolicyWithValue, load_policy
 
 
 def load_model(trained: bool, seed: int = 0):
-    """The tiny policy: warm-started (cached) or the same architecture with random weights."""
+    """The tiny policy: the shipped start model, or the same architecture with random weights."""
     if trained:
-        path = tiny.ensure_tiny(seed)
-        return load_policy(str(path))
+        return load_policy(tiny.resolve_model("tiny"))
     tokenizer = tiny.build_tokenizer()
     torch.manual_seed(seed)
     lm = tiny.AutoModelForCausalLM.from_config(tiny.tiny_config(tokenizer, "default"))
@@ -127,7 +126,7 @@ def ours(sampler, prompts, n, new_tokens, temperature):
 def common_args(doc: str) -> argparse.ArgumentParser:
     """The flags every sampler benchmark takes (this one and benchmarks/sampler_vllm.py)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--trained", action="store_true", help="use tiny.ensure_tiny() (builds once)")
+    ap.add_argument("--trained", action="store_true", help="use the shipped tiny model")
     ap.add_argument("--prompts", type=int, default=64, help="number of prompts (batch)")
     ap.add_argument("--new-tokens", type=int, default=64, help="max new tokens per sample")
     ap.add_argument("--temperature", type=float, default=0.8, help="the author's expansion temperature")

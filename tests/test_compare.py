@@ -28,7 +28,9 @@ def write_run(results: Path, name: str, method: str, seed: int, per_problem: dic
     (d / "config.json").write_text(json.dumps({"method": method, "seed": seed}))
     evals = evals or {0: 0.05, steps: 0.05}
     rows = [{"step": s, "train_reward": 0.1 * s, "generated_tokens": tokens * s // steps, "kl": kl,
-             **({"eval_mean_at_16": evals[s]} if s in evals else {})} for s in range(steps + 1)]
+             "completion_len": 25.0, **({"eval_mean_at_16": evals[s]} if s in evals else {})}
+            for s in range(1, steps + 1)]
+    rows = [{"step": 0, **({"eval_mean_at_16": evals[0]} if 0 in evals else {})}] + rows
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
 
@@ -48,8 +50,9 @@ def test_report_table_by_hand(tmp_path):
     (results / "mcts-seed0").mkdir()  # unfinished: no evals -> left out
     table = compare.report(results, figures).splitlines()
     # the equal-token budget is the cheapest sampling run's total (sft samples nothing): 1 M
-    assert table[0].endswith("| 200-problem eval at 1.00 M tokens | KL (last 100) |")
-    assert table[2] == "| start | | 0 | 0 | 25.00% | 25.00% | | | | | | |"
+    assert table[0].endswith("| 200-problem eval at 1.00 M tokens | KL (last 100) | "
+                             "generated per trained token |")
+    assert table[2] == "| start | | 0 | 0 | 25.00% | 25.00% | | | | | | | |"
     [cispo] = [line.split(" | ") for line in table if line.startswith("| cispo ")]
     # arm, seeds, steps, tokens, T=1 mean [min, max], T=0.2, gain T=1, gain T=0.2, vs sft T=1,
     # vs sft T=0.2, eval at equal tokens, KL
@@ -59,12 +62,22 @@ def test_report_table_by_hand(tmp_path):
     assert cispo[8:10] == ["25.00 pt", "50.00 pt"]  # one seed paired with the sft control
     # within 1 M tokens: seed 0's last eval (8%, at 1 M), seed 1's at step 2 (6%, at 1 M)
     assert cispo[10] == "7.00% [6.00, 8.00]"
-    assert cispo[11] == "0.030 [0.020, 0.040] |"
+    assert cispo[11] == "0.030 [0.020, 0.040]"
+    # trained: 4 steps x 2 groups x 16 samples (train.py's cispo batch) x 25 tokens = 3,200;
+    # generated 1 M and 2 M -> 312.5 and 625 per trained token
+    assert cispo[12] == "468.8 [312.5, 625.0] |"
     assert not any(line.startswith("| mcts") for line in table)
     assert (figures / "results.md").read_text().splitlines() == table
     assert (figures / "eval_mean_at_16.png").stat().st_size > 1000
     [sft] = [line.split(" | ") for line in table if line.startswith("| sft ")]
     assert sft[8:11] == ["", "", ""]  # the control is not compared with itself
+
+
+def test_the_shipped_models_own_evals_are_the_start_of_the_main_folder(tmp_path):
+    assert compare.start_evals(tmp_path) == {t: compare.tiny.start_eval(t)
+                                             for t in compare.TEMPERATURES}
+    write_eval(tmp_path / "start", 1.0, [0.25])  # a history folder: its own start evals
+    assert compare.start_evals(tmp_path) == {1.0: {"mean_at_n": 0.25, "per_problem": [0.25]}}
 
 
 def test_jobs_skip_finished_runs_and_resume_unfinished(tmp_path):
@@ -99,6 +112,11 @@ def test_every_arm_parses_to_its_settings():
     best = train.parse_args(compare.ARMS["mcts-tree-best"])
     assert (best.mcts_select, best.mcts_baseline, best.c_puct) == ("best_reward", "tree", 0.5)
     assert train.parse_args(compare.ARMS["mcts-tree-c2"]).c_puct == 2.0
+    # the blog's advantage stays the "mcts" arm although train.py's default is the tree baseline
+    assert train.parse_args(compare.ARMS["mcts"]).mcts_baseline == "value"
+    whole = train.parse_args(compare.ARMS["mcts-whole"])
+    assert (whole.mcts_distill, whole.mcts_credit, whole.c_puct) == ("whole", "leaf", 2.0)
+    assert train.parse_args(compare.ARMS["mcts-whole-step"]).mcts_credit == "step"
 
 
 def test_report_refuses_a_run_from_another_start_model(tmp_path):

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import countdown
 import tiny
-from value_head import PolicyWithValue
+from value_head import PolicyWithValue, load_policy, model_checksum
 
 TAGS = (countdown.STEP_END, countdown.ANSWER_OPEN, countdown.ANSWER_CLOSE)
 
@@ -177,10 +177,41 @@ def test_default_is_well_formatted_but_weak():
     from eval import evaluate
     from sampler import TorchSampler
 
-    path = tiny.ensure_tiny(0)  # the same cache train.py uses; builds in minutes if missing
+    path = tiny.resolve_model("tiny")  # the shipped start model
     sampler = TorchSampler(PolicyWithValue.from_pretrained(path),
                            AutoTokenizer.from_pretrained(path), seed=0)
     _, test = countdown.make_splits(0)
     r = evaluate(sampler, test[:200], n=16, temperature=1.0, progress=False)
     assert r["format_rate"] >= 0.9
     assert 0.03 <= r["mean_at_n"] <= 0.15
+
+
+def test_the_shipped_start_model_is_the_one_every_result_used():
+    """The repository's tiny_model/ weights hash to tiny.SHIPPED_CHECKSUM, which every committed
+    run records as its start_checksum and the shipped start evals as their checkpoint_checksum."""
+    assert model_checksum(str(tiny.SHIPPED)) == tiny.SHIPPED_CHECKSUM
+    for t in (1.0, 0.2):
+        start = tiny.start_eval(t)
+        assert start["checkpoint_checksum"] == tiny.SHIPPED_CHECKSUM
+        assert (start["n_problems"], start["n_samples"], start["temperature"]) == (820, 16, t)
+        assert start["mean_at_n"] == pytest.approx(sum(start["per_problem"]) / 820)
+
+
+def test_model_tiny_loads_the_shipped_model_and_never_builds(tmp_path, monkeypatch):
+    def no_build(*a, **k):
+        raise AssertionError("--model tiny started a build")
+    monkeypatch.setattr(tiny, "build_tiny", no_build)
+    monkeypatch.setenv("TREESEARCH_CACHE", str(tmp_path / "cache"))
+    path = tiny.resolve_model("tiny")
+    assert Path(path) == tiny.SHIPPED
+    policy, tok = load_policy(path)
+    assert tok.convert_tokens_to_ids("</step>") != tok.unk_token_id
+    assert sum(p.numel() for p in policy.parameters()) > 500_000
+    assert not (tmp_path / "cache").exists()  # nothing built, nothing cached
+    assert tiny.resolve_model("Qwen/Qwen2.5-1.5B-Instruct") == "Qwen/Qwen2.5-1.5B-Instruct"
+
+
+def test_a_missing_shipped_model_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(tiny, "SHIPPED", tmp_path / "tiny_model")
+    with pytest.raises(SystemExit, match="shipped tiny model is missing.*git checkout"):
+        tiny.resolve_model("tiny")
