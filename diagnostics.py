@@ -47,6 +47,20 @@ HEALTH = ("entropy", "advantage_std", "value_mean", "value_start", "reward_std",
           "completion_len", "logp_gap")
 
 
+def token_entropies(logits: torch.Tensor, valid: torch.Tensor, elements: int = 1 << 22
+                    ) -> torch.Tensor:
+    """The policy's entropy (nats) at each valid position of logits [B, T, V], in float32 a few
+    positions at a time (`elements` logits per piece): a whole [B, T, V] float32 copy is
+    gigabytes at a real vocabulary (151,936 for Qwen2.5), the cost losses.token_logprobs avoids."""
+    flat = logits.reshape(-1, logits.shape[-1])  # a view: no copy
+    positions = valid.reshape(-1).nonzero().squeeze(1)
+    out = []
+    for piece in positions.split(max(1, elements // logits.shape[-1])):
+        log_p = torch.log_softmax(flat[piece].float(), dim=-1)
+        out.append(-(log_p.exp() * log_p).sum(-1))
+    return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)
+
+
 def health_stats(logits, logp, values, advantages, batch: dict) -> dict[str, float]:
     """What to watch for divergence, on the policy rows' completion tokens: the policy's entropy
     (nats/token), the advantages' spread, V(s) overall and at the first completion state against
@@ -58,11 +72,9 @@ def health_stats(logits, logp, values, advantages, batch: dict) -> dict[str, flo
 
     def mean(x):
         return (torch.where(valid, x, 0.0).sum() / n).item()
-    log_p = torch.log_softmax(logits.float(), dim=-1)
-    entropy = -(log_p.exp() * log_p).sum(-1)
     first = valid.float().argmax(dim=1)[rows]  # each policy row's first completion position
     adv = advantages[valid]
-    return {"entropy": mean(entropy),
+    return {"entropy": (token_entropies(logits, valid).sum() / n).item(),
             "advantage_std": adv.std().item() if adv.numel() > 1 else 0.0,
             "value_mean": mean(values), "value_start": values[rows, first].mean().item(),
             "reward_std": batch["rewards"][rows].std().item() if rows.sum() > 1 else 0.0,

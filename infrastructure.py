@@ -41,6 +41,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from multiprocessing import synchronize as mp_synchronize
 from multiprocessing import util as mp_util
 from pathlib import Path
@@ -256,12 +257,20 @@ class Alarms:
                            f"{step}: the policy is drifting (lower --lr / --max-grad-norm?)")
 
 
+# Rank 0 evaluates inside the loop (at the blog's scale 820 problems x 16 samples x up to 512
+# tokens, plus the search gain) while the other ranks wait in their next all-reduce: a collective
+# may wait that long. NCCL's own default is 10 minutes (gloo's 30); a dead rank is still caught
+# at once by the supervisor's heartbeats, not by this timeout.
+DDP_TIMEOUT = timedelta(hours=2)
+
+
 def init_process_group(device: torch.device, rank: int, world_size: int, port: int) -> None:
     """Join the trainers' DDP group: nccl on GPU (one rank per GPU: the current device), gloo on CPU."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank,
-                            init_method=f"tcp://127.0.0.1:{port}", world_size=world_size)
+                            init_method=f"tcp://127.0.0.1:{port}", world_size=world_size,
+                            timeout=DDP_TIMEOUT)
 
 
 def global_means(values: dict[str, float], device: torch.device) -> dict[str, float]:

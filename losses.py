@@ -6,6 +6,10 @@ model code. Aggregation (`agg`): "token" (default) is the mean over all valid to
 each sequence's tokens, then over sequences (the blog author's code, GRPO's original), so every
 trajectory weighs the same. Padded positions are removed with `torch.where` *before* any math,
 so NaN/inf there can reach neither the loss nor the gradient.
+Under DDP each trainer rank takes these means over its own rows and DDP averages the ranks'
+gradients: the global token mean only when the ranks hold equal token counts, otherwise each
+rank's tokens weigh in inverse proportion to its count (the per-rank reading, as in TRL and
+OpenRLHF without a token all-reduce).
 """
 
 import torch
@@ -149,6 +153,36 @@ def group_advantages(rewards: Tensor, normalize_std: bool = False, eps: float = 
     if rewards.shape[1] < 2:
         raise ValueError("group_advantages: normalize_std needs a group size of at least 2")
     return centred / (rewards.std(dim=1, keepdim=True) + eps)
+
+
+def leave_one_out_advantages(rewards: list[float]) -> list[float]:
+    """A_i = r_i - mean of the *other* answers' rewards (TreeRL's leaf baseline, RLOO): an answer
+    is not compared with itself, so with n answers A_i = n / (n - 1) * (r_i - mean). One answer
+    alone has nothing to be compared with: 0."""
+    n = len(rewards)
+    if n < 2:
+        return [0.0] * n
+    total = sum(rewards)
+    return [r - (total - r) / (n - 1) for r in rewards]
+
+
+def tree_step_advantages(paths: list[list], rewards: list[float]) -> list[list[float]]:
+    """TreeRL's step credit (arXiv 2506.11902, Sec. 3.2) on any tree given by its answers:
+    paths[i] = the node ids from the first step to answer i's last step (root excluded), all of
+    one prompt. V(s) = mean reward of the answers below step s (V(root): of all of them), and
+    step s gets ((V(s) - V(root)) + (V(s) - V(parent(s)))) / sqrt(|L(s)|), |L(s)| = answers below
+    it (each shared step is trained once per answer: the square root damps that repetition).
+    Returns, per answer, one advantage per step of its path."""
+    if len(paths) != len(rewards) or any(not p for p in paths):
+        raise ValueError("tree_step_advantages: one non-empty path per reward")
+    below: dict = {}  # node id -> rewards of the answers below it
+    for path, r in zip(paths, rewards):
+        for node in path:
+            below.setdefault(node, []).append(r)
+    v = {node: sum(rs) / len(rs) for node, rs in below.items()}
+    v_root = sum(rewards) / len(rewards)
+    return [[((v[s] - v_root) + (v[s] - (v[path[k - 1]] if k else v_root))) / len(below[s]) ** 0.5
+             for k, s in enumerate(path)] for path in paths]
 
 
 def total_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, values: Tensor,

@@ -51,6 +51,18 @@ Interpretation choices (the README links here):
 - Identical sibling steps (same tokens) are merged into one child whose prior is the sum of
   their softmax shares: same prior mass as keeping both, without splitting the search between
   identical subtrees.
+- Whole-tree distillation (beyond the blog; train.py --mcts-distill whole): the search is
+  unchanged, but the trainer gets every distinct answer it produced (`answers`: each terminal,
+  visited or not, and the selection's rollout answer if new), not one path. A tree samples ~13
+  answers for the one it selects, so single-path distillation trains on a few percent of the
+  tokens it pays for. Credit comes from the tree's own answers, as in TreeRL (arXiv 2506.11902):
+  leave-one-out (an answer minus the mean of the others, on every token) or TreeRL's step credit
+  (a step's subtree mean against the root's and its parent's, over sqrt(answers below it)); both
+  in losses.py. Not the root's visit distribution (AlphaZero's target): with K = 4 children and
+  ~12 rounds most children are visited once or never, the regime where Gumbel AlphaZero (ICLR
+  2022) shows visit-count targets fail to improve the policy. The answers are the policy's own
+  samples (each step sampled at the recorded log-probs), only which prefixes were extended is
+  the search's choice, so CISPO's ratio to pi_old applies as for any sample.
 """
 
 from __future__ import annotations
@@ -223,6 +235,37 @@ def _nodes(root: Node) -> list[Node]:
 def terminals(root: Node) -> list[Node]:
     """Every answer the search sampled (merged duplicates once), visited or not."""
     return [n for n in _nodes(root) if n.terminal]
+
+
+@dataclass
+class Answer:
+    """One complete answer the search produced, with the steps it is made of (whole-tree
+    distillation trains on every one: train.whole_tree_trajectories)."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    reward: float  # dense reward of the whole completion
+    steps: list  # the tree nodes from the first step to the last (root excluded); a rollout that
+    #              finished the selected path is one more step, named "rollout"
+    lengths: list[int]  # tokens of each step
+
+
+def answers(result: SearchResult) -> list[Answer]:
+    """Every distinct completion a search produced: each terminal of the tree, visited or not
+    (merged siblings once), and the selected path's rollout answer when it is a new one."""
+    out, seen = [], set()
+    for node in terminals(result.root):
+        steps = node.path()[1:]
+        out.append(Answer(tokens=[t for n in steps for t in n.tokens],
+                          logprobs=[x for n in steps for x in n.logprobs], reward=node.reward,
+                          steps=steps, lengths=[len(n.tokens) for n in steps]))
+        seen.add(tuple(out[-1].tokens))
+    if result.stats["from_rollout"] and tuple(result.tokens) not in seen:
+        steps = result.path[1:]
+        out.append(Answer(tokens=list(result.tokens), logprobs=list(result.logprobs),
+                          reward=result.reward, steps=[*steps, "rollout"],
+                          lengths=[len(n.tokens) for n in steps] + [result.stats["rollout_tokens"]]))
+    return out
 
 
 def greedy_select(root: Node, cfg: MCTSConfig) -> list[Node]:

@@ -34,6 +34,7 @@ import tyro
 
 import countdown
 import diagnostics
+import eval as evaluation
 import infrastructure as infra
 import losses
 import mcts
@@ -83,8 +84,15 @@ class Args:
     mcts_max_tree_tokens: int = 0  # MCTS tokens per tree, search + rollout (0: M bounds)
     mcts_select: Literal["visits", "q", "best_reward"] = "visits"
     """greedy selection after search: most-visited child (blog), highest Q, or best terminal reward"""
-    mcts_baseline: Literal["value", "tree"] = "value"
-    """A = r - sg(V(s_t)) (blog), or r - mean reward of the tree's answers (no extra sampling)"""
+    mcts_baseline: Literal["value", "tree"] = "tree"
+    """A = r - sg(V(s_t)) (blog; learns ~nothing here: README), or r - mean reward of the tree's
+    answers (default: the selection's advantage over the search's own answers, no extra sampling)"""
+    mcts_distill: Literal["path", "whole"] = "path"
+    """what the search teaches: the selected trajectory (blog), or every distinct answer in the
+    tree with tree-relative advantages (whole-tree distillation, `whole_tree_trajectories`)"""
+    mcts_credit: Literal["leaf", "step"] = "leaf"
+    """whole tree: an answer's reward minus the mean of the tree's other answers on all its tokens
+    (leaf), or TreeRL's per-step credit from subtree means (step)"""
     mcts_value_targets: Literal["path", "tree"] = "path"  # value targets: path (blog), all answers
     kl_warn: float = 0.1  # warn once when the k3 KL to the start model passes this (0: never)
     search_gain_problems: int = 16
@@ -114,6 +122,10 @@ class Args:
     eval_n: int = 16  # samples per eval problem: mean@16 (blog)
     eval_temperature: float = 1.0  # sampling temperature for eval
     checkpoint_every: int = 100  # write a checkpoint every this many steps (and at the end)
+    final_eval: bool = True
+    """at the end, mean@16 on all 820 test problems (eval.py, T = 1.0) into <out>/eval_t1.json,
+    paired per problem with the tiny start model's shipped eval: the 200-problem curve is too
+    noisy (+-1.2 points) to show a gain of a few points"""
     out: str = ""  # run directory (default runs/<method>-seed<seed>)
     resume: str = ""  # run dir to continue from its latest checkpoint (give the original flags)
     overwrite: bool = False  # start afresh in a non-empty --out (deletes its checkpoints and logs)
@@ -123,16 +135,19 @@ class Args:
     dry_run: bool = False  # print the resolved config and exit without starting anything
 
 
-# The blog's table of values (lr, its linear decay, grad clip, per-sequence loss mean and eval
-# temperature from the author's code, as the table has none).
+# The blog's table of values and its method (A = r - sg(V), virtual loss as visits only); what
+# the table leaves out from the author's code (lr and its linear decay over 2,048 steps, grad
+# clip, per-sequence loss mean, sampling temperature 0.8, steps of up to 64 tokens, eval every
+# 6 weight syncs at temperature 0.2 with up to 512 tokens).
 BLOG_PRESET = {
     "model": "Qwen/Qwen2.5-1.5B-Instruct", "backend": "vllm", "n_generators": 6, "n_trainers": 2,
     "batch_size": 32, "cispo_groups": 128, "group_size": 16, "bon_n": 64, "mcts_workers": 16,
-    "mcts_iterations": 100, "mcts_k": 4, "c_puct": 0.5, "sync_every": 8, "eps_high": 5.0,
+    "mcts_iterations": 100, "mcts_k": 4, "c_puct": 0.5, "mcts_virtual_value": 0.0,
+    "mcts_baseline": "value", "mcts_distill": "path", "sync_every": 8, "eps_high": 5.0,
     "c_ppo": 1.0, "c_value": 1.0, "c_kl": 0.05, "lr": 5e-6, "max_grad_norm": 0.1,
     "max_new_tokens": 512, "max_step_tokens": 64, "temperature": 0.8, "prompts_per_call": 4,
-    "steps": 2048, "time_limit_min": 0.0, "eval_every": 64, "eval_problems": 820, "eval_n": 16,
-    "eval_temperature": 0.2, "lr_schedule": "linear", "loss_agg": "sequence", "checkpoint_every": 64,
+    "steps": 2048, "time_limit_min": 0.0, "eval_every": 48, "eval_problems": 820, "eval_n": 16,
+    "eval_temperature": 0.2, "lr_schedule": "linear", "loss_agg": "sequence", "checkpoint_every": 48,
 }
 PRESETS = {"none": {}, "blog": BLOG_PRESET}
 
@@ -155,8 +170,9 @@ GROUP_METHODS = ("cispo", "treepo", "treerl")  # many trajectories per prompt, r
 
 
 def traj_per_step(args: Args) -> int:
-    """Global batch in trajectories: B for MCTS/BoN, groups x group size for CISPO (blog: 128 x 16)."""
-    if args.method in GROUP_METHODS:
+    """Global batch in trajectories: B for MCTS/BoN, groups x group size for CISPO (blog: 128 x 16)
+    and for the tree methods that send many answers per prompt (TreePO, TreeRL, MCTS whole tree)."""
+    if args.method in GROUP_METHODS or (args.method == "mcts" and args.mcts_distill == "whole"):
         return args.cispo_groups * args.group_size
     return args.batch_size
 
@@ -235,23 +251,51 @@ def mcts_config(args: Args) -> mcts.MCTSConfig:
                            max_tree_tokens=args.mcts_max_tree_tokens)
 
 
+def search_info(r: mcts.SearchResult) -> dict[str, float]:
+    """The search's own metrics, logged as batch means (is the search reaching answers?)."""
+    return {"search_depth": r.stats["depth"], "search_from_rollout": r.stats["from_rollout"],
+            "search_terminal_backups": r.stats["terminal_backups"],
+            "search_tree_tokens": r.stats["tokens_generated"]}
+
+
 def mcts_trajectories(problems, sampler, args: Args, version: int) -> list[dict]:
-    """Blog's method: parallel MCTS over reasoning steps, then greedy selection of one trajectory.
-    Each item carries the search's own metrics, logged per batch (is the search reaching answers?)."""
+    """Blog's method: parallel MCTS over reasoning steps, then greedy selection of one trajectory
+    (or, with --mcts-distill whole, every answer of the tree: `whole_tree_trajectories`)."""
+    results = mcts.search(problems, sampler, mcts_config(args))
+    if args.mcts_distill == "whole":
+        return [t for r in results for t in whole_tree_trajectories(r, args.mcts_credit, version)]
     trajs = []
-    for r in mcts.search(problems, sampler, mcts_config(args)):
+    for r in results:
         answers = [n for n in mcts.terminals(r.root) if n is not r.path[-1]]
         advantage = None  # blog: r - sg(V(s_t)), computed by the trainer
         if args.mcts_baseline == "tree":  # r - mean reward of every answer the search produced
             advantage = r.reward - sum([r.reward] + [n.reward for n in answers]) / (1 + len(answers))
         value_paths = ([(mcts.path_tokens(n), n.reward) for n in answers]
                        if args.mcts_value_targets == "tree" else [])
-        info = {"search_depth": r.stats["depth"], "search_from_rollout": r.stats["from_rollout"],
-                "search_terminal_backups": r.stats["terminal_backups"],
-                "search_tree_tokens": r.stats["tokens_generated"]}
         trajs.append(trajectory(r.prompt_ids, r.tokens, r.logprobs, r.reward, advantage, version,
-                                info, value_paths))
+                                search_info(r), value_paths))
     return trajs
+
+
+def whole_tree_trajectories(r: mcts.SearchResult, credit: str, version: int) -> list[dict]:
+    """Beyond the blog: every distinct answer the search sampled (`mcts.answers`: the tree's
+    terminals, visited or not, and the selection's rollout) is one trajectory. Its advantage comes
+    from the tree's own answers (no value head, no extra sampling): leave-one-out (TreeRL's leaf
+    baseline, `losses.leave_one_out_advantages`) on every token, or TreeRL's step credit
+    (`losses.tree_step_advantages`) per step. The search is the blog's; what it teaches is all it
+    found, not one path (Stream of Search: more than the optimal path helps on Countdown)."""
+    answers = mcts.answers(r)
+    rewards = [a.reward for a in answers]
+    if credit == "leaf":
+        per_answer = [[a] * len(x.steps) for a, x in
+                      zip(losses.leave_one_out_advantages(rewards), answers)]
+    else:
+        per_answer = losses.tree_step_advantages([x.steps for x in answers], rewards)
+    info = search_info(r) | {"search_answers": len(answers)}
+    return [trajectory(r.prompt_ids, x.tokens, x.logprobs, x.reward,
+                       [a for a, n in zip(adv, x.lengths) for _ in range(n)],
+                       version, info)
+            for x, adv in zip(answers, per_answer)]
 
 
 def cispo_trajectories(problems, sampler, args: Args, version: int) -> list[dict]:
@@ -553,7 +597,25 @@ def run(args: Args) -> int:
                          stall_timeout_s=args.stall_timeout_s)
     if rc == 0:
         infra.print_summary(out, args.eval_n, args.eval_problems)
+        if args.final_eval:
+            final_eval(out, args)
     return rc
+
+
+def final_eval(out: Path, args: Args) -> dict:
+    """eval.py on the run's last checkpoint: all 820 test problems at T = 1.0, and for the tiny
+    model the paired gain over the start (its shipped eval, not sampled again)."""
+    baseline = "tiny" if Path(args.model) == tiny.SHIPPED else None
+    summary = evaluation.main(evaluation.Args(checkpoint=str(out), baseline=baseline,
+                                              backend=args.backend, out=out / "eval_t1.json"),
+                              show=False)
+    line = (f"mean@16 on all {summary['n_problems']} test problems (T = 1.0): "
+            f"{summary['mean_at_n']:.2%} ± {summary['ci95']:.2%}")
+    if baseline:
+        line += (f"; start {summary['baseline']['mean_at_n']:.2%}, paired gain "
+                 f"{100 * summary['difference']:+.2f} ± {100 * summary['difference_ci95']:.2f} points")
+    print(line, f"({out / 'eval_t1.json'})")
+    return summary
 
 
 if __name__ == "__main__":

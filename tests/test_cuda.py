@@ -66,14 +66,14 @@ def trajectories(tok, n: int = 4) -> list[dict]:
     for i in range(n):
         tokens = torch.randint(3, 60, (5 + 3 * i,), generator=gen).tolist()
         old = (-torch.rand(len(tokens), generator=gen) * 3).tolist()
-        adv = None if i % 2 else 0.5  # train.Args() is mcts: the trainer's r - V for every row
+        adv = None if i % 2 else 0.5  # mcts with the blog's advantage: the trainer's r - V
         trajs.append(train.trajectory(prompts[i % len(prompts)], tokens, old, float(i % 2), adv, 0))
     return trajs
 
 
 def test_train_step_on_cuda_through_ddp_nccl_matches_cpu():
     """train.py's trainer on a GPU: DDP over one nccl rank, the same step as on the CPU."""
-    tok, args = char_tokenizer(), train.Args()
+    tok, args = char_tokenizer(), train.Args(mcts_baseline="value")
     batch = train.collate(trajectories(tok), tok.pad_token_id)
     results = {}
     for device in ("cpu", "cuda"):

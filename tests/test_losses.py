@@ -363,3 +363,23 @@ def test_sequence_aggregation_weighs_every_sequence_alike_by_hand():
     assert losses.cispo_loss(logp, logp, adv, mask).item() == pytest.approx(4 / 3)
     with pytest.raises(ValueError, match="aggregation"):
         losses._masked_mean(x, valid, "batch")
+
+
+def test_leave_one_out_advantages_by_hand():
+    # rewards 1, 0, -1: each minus the mean of the other two
+    assert losses.leave_one_out_advantages([1.0, 0.0, -1.0]) == pytest.approx([1.5, 0.0, -1.5])
+    # = n / (n - 1) * (r - mean): 4 / 3 * (0.5 - 0.125) = 0.5
+    assert losses.leave_one_out_advantages([0.5, 0.0, 0.0, 0.0])[0] == pytest.approx(0.5)
+    assert losses.leave_one_out_advantages([0.7]) == [0.0]  # nothing to compare with
+    assert losses.leave_one_out_advantages([]) == []
+
+
+def test_tree_step_advantages_by_hand():
+    # a tree: a -> (a1: r 1, a2: r 0), b: r -1. V(root) = 0, V(a) = 0.5 over 2 answers.
+    got = losses.tree_step_advantages([["a", "a1"], ["a", "a2"], ["b"]], [1.0, 0.0, -1.0])
+    a = ((0.5 - 0) + (0.5 - 0)) / math.sqrt(2)  # shared step: global + local over sqrt(|L|)
+    assert got[0] == pytest.approx([a, (1 - 0) + (1 - 0.5)])
+    assert got[1] == pytest.approx([a, (0 - 0) + (0 - 0.5)])
+    assert got[2] == pytest.approx([(-1 - 0) + (-1 - 0)])
+    with pytest.raises(ValueError, match="one non-empty path per reward"):
+        losses.tree_step_advantages([["a"], []], [1.0, 0.0])

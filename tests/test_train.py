@@ -11,14 +11,17 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import countdown
 import diagnostics
 import infrastructure as infra
+import mcts
 import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +33,8 @@ def small_flags(model: str, out: Path, steps: int) -> list[str]:
             "--mcts-iterations", "4", "--mcts-workers", "2", "--mcts-k", "2",
             "--max-step-tokens", "12", "--max-new-tokens", "32", "--prompts-per-call", "1",
             "--cispo-groups", "1", "--group-size", "2", "--bon-n", "3", "--eval-problems", "2",
-            "--eval-n", "2", "--eval-every", "0", "--sync-every", "1", "--checkpoint-every", "2"]
+            "--eval-n", "2", "--eval-every", "0", "--sync-every", "1", "--checkpoint-every", "2",
+            "--no-final-eval"]
 
 
 def run_train(*flags: str, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
@@ -123,11 +127,11 @@ def test_advantages_by_method_by_hand():
     values = torch.tensor([[9.0, 0.5, -0.25], [0.0, -0.5, 9.0]], requires_grad=True)
     # MCTS (the blog's value baseline) / BoN: r - sg(V(s_t)) on the completion tokens, whatever
     # the generator sent
-    for args in (train.Args(method="mcts"), train.Args(method="bon")):
+    for args in (train.Args(method="mcts", mcts_baseline="value"), train.Args(method="bon")):
         adv = train.advantages(args, batch, values)
         assert adv.tolist() == [[0, 0.5, 1.25], [-1, -0.5, 0]] and not adv.requires_grad
     # the others: the generator's advantages, masked
-    for args in [train.Args(method="mcts", mcts_baseline="tree"),
+    for args in [train.Args(method="mcts"), train.Args(method="mcts", mcts_distill="whole"),
                  *(train.Args(method=m) for m in ("cispo", "treepo", "treerl", "sft"))]:
         assert train.advantages(args, batch, values).tolist() == [[0, 2, 3], [4, 5, 0]]
 
@@ -171,10 +175,107 @@ def test_mcts_producer_tree_baseline_value_paths_and_search_metrics():
     assert t["info"] == {"search_depth": 2, "search_from_rollout": 0,
                          "search_terminal_backups": 2,
                          "search_tree_tokens": len(A) + len(B) + len(ANSWER) + len(wrong)}
-    # the blog's defaults: advantage left to the trainer (r - V), no value paths
+    # the blog's advantage: left to the trainer (r - V), no value paths
     [t] = train.mcts_trajectories([PROBLEM], ScriptedSampler(script),
-                                  train.Args(mcts_workers=1, mcts_iterations=4, mcts_k=2), 7)
+                                  train.Args(mcts_workers=1, mcts_iterations=4, mcts_k=2,
+                                             mcts_baseline="value"), 7)
     assert not t["advantages"].any() and t["value_paths"] == []
+    # whole tree: both answers, leave-one-out (1 - 0, 0 - 1), or step credit: the shared step A
+    # gets (V(A) - V(root)) + (V(A) - V(root)) = 0, the answers +-((0.5) + (0.5))
+    for credit, adv_a in (("leaf", (1.0, -1.0)), ("step", (0.0, 0.0))):
+        whole = replace(args, mcts_distill="whole", mcts_credit=credit, mcts_value_targets="path")
+        bad, right = sorted(train.mcts_trajectories([PROBLEM], ScriptedSampler(script), whole, 7),
+                            key=lambda t: t["reward"].item())
+        assert bytes(right["tokens"].tolist()).decode() == A + ANSWER
+        assert bytes(bad["tokens"].tolist()).decode() == A + wrong
+        assert (right["reward"].item(), bad["reward"].item()) == (1.0, 0.0)
+        step_adv = (1.0, -1.0) if credit == "step" else adv_a
+        for t, a, s in ((right, adv_a[0], step_adv[0]), (bad, adv_a[1], step_adv[1])):
+            assert t["advantages"].tolist() == [a] * len(A) + [s] * len(ANSWER if t is right
+                                                                        else wrong)
+            assert t["info"]["search_answers"] == 2 and t["value_paths"] == []
+
+
+def test_whole_tree_counts_the_rollout_answer_as_a_step_of_its_own():
+    from test_mcts import PROBLEM, A, ScriptedSampler, hand_script
+
+    wrong = "<answer>1+2+3*4</answer>"  # dense reward 0
+    step = "3+3=6</step>"
+    rollout = "<answer>(1+2)*3+4</answer>"  # hand_script's rollout: 13 for 10, reward 0.4
+
+    def script(done, stop):
+        if done == A and stop != ("</answer>",):
+            return [(wrong, -0.2, "answer", 0.8), (step, -1.2, "step", 0.9)]
+        return hand_script(done, stop)
+    # workers 1, M 2: root -> A, B; A -> wrong, step. Greedy stops at A (children unvisited) and
+    # takes its best-evaluated child: step (V 0.9 > wrong's reward 0), finished by the rollout.
+    args = train.Args(mcts_workers=1, mcts_iterations=2, mcts_k=2, max_new_tokens=256,
+                      max_step_tokens=64, mcts_distill="whole", mcts_credit="step")
+    bad, good = sorted(train.mcts_trajectories([PROBLEM], ScriptedSampler(script), args, 0),
+                       key=lambda t: t["reward"].item())
+    assert bytes(good["tokens"].tolist()).decode() == A + step + rollout
+    assert good["reward"].item() == pytest.approx(0.4) and bad["reward"].item() == 0.0
+    # V(root) = V(A) = 0.2; step and rollout: V 0.4 with one answer below
+    assert bad["advantages"].tolist() == pytest.approx([0.0] * len(A) + [-0.4] * len(wrong))
+    assert good["advantages"].tolist() == pytest.approx(
+        [0.0] * len(A) + [0.4] * len(step) + [0.2] * len(rollout))
+    leaf_bad, leaf_good = sorted(train.mcts_trajectories([PROBLEM], ScriptedSampler(script),
+                                                         replace(args, mcts_credit="leaf"), 0),
+                                 key=lambda t: t["reward"].item())
+    assert leaf_bad["advantages"].tolist() == pytest.approx([-0.4] * len(A + wrong))
+    assert leaf_good["advantages"].tolist() == pytest.approx([0.4] * len(A + step + rollout))
+    assert leaf_good["old_logprobs"].tolist() == pytest.approx(
+        [-1.0 / len(A)] * len(A) + [-1.2 / len(step)] * len(step)
+        + [-0.7 / len(rollout)] * len(rollout))
+
+
+ANSWERS = ["<answer>(1+2)*3+4</answer>", "<answer>1+2+3+4</answer>", "<answer>1+2+3*4</answer>",
+           "<answer>1+2</answer>"]  # for 1 2 3 4 -> 10: 13, 10, 15, not all numbers
+
+
+def answers_script(done, stop):
+    """Every sample of a prompt cycles through ANSWERS (summed logprob -1 - i for answer i)."""
+    return [(a, -1.0 - i, "answer", None) for i, a in enumerate(ANSWERS)]
+
+
+def test_cispo_producer_sends_group_relative_advantages_by_hand():
+    from test_mcts import ScriptedSampler
+
+    ten, thirteen = countdown.Problem((1, 2, 3, 4), 10), countdown.Problem((1, 2, 3, 4), 13)
+    # dense rewards, by hand: for 10: 13 -> 1 - 2 * 3/10 = 0.4, 10 -> 1, 15 -> 1 - 2 * 5/10 = 0,
+    # missing numbers -> -1 (mean 0.1); for 13: 1 - 6/13, 1 - 4/13 ... -> 1, 7/13, 9/13, -1
+    r10, r13 = [0.4, 1.0, 0.0, -1.0], [1.0, 7 / 13, 9 / 13, -1.0]
+    args = train.Args(method="cispo", group_size=4, max_new_tokens=64)
+    trajs = train.cispo_trajectories([ten, thirteen], ScriptedSampler(answers_script), args, 3)
+    assert len(trajs) == 8
+    for t, r, adv in zip(trajs, r10 + r13, [x - 0.1 for x in r10] + [x - sum(r13) / 4 for x in r13]):
+        assert t["reward"].item() == pytest.approx(r)
+        assert t["advantages"].tolist() == pytest.approx([adv] * len(t["tokens"]), abs=1e-6)
+        assert t["version"].item() == 3
+    i = ANSWERS.index("<answer>1+2+3*4</answer>")
+    assert trajs[i]["old_logprobs"].sum().item() == pytest.approx(-1.0 - i)
+    # --normalize-std (GRPO): divided by the group's sample std (ddof 1)
+    std10 = math.sqrt(sum((x - 0.1) ** 2 for x in r10) / 3)
+    normed = train.cispo_trajectories([ten], ScriptedSampler(answers_script),
+                                      replace(args, normalize_std=True), 3)
+    assert [t["advantages"][0].item() for t in normed] == pytest.approx(
+        [(x - 0.1) / (std10 + 1e-6) for x in r10], abs=1e-6)
+
+
+def test_bon_producer_sends_the_best_of_n_by_dense_reward():
+    from test_mcts import ScriptedSampler
+
+    problem = countdown.Problem((1, 2, 3, 4), 10)
+    args = train.Args(method="bon", bon_n=4, max_new_tokens=64)
+    [t] = train.bon_trajectories([problem], ScriptedSampler(answers_script), args, 5)
+    best = "<answer>1+2+3+4</answer>"  # reward 1.0, the second of the four samples
+    assert bytes(t["tokens"].tolist()).decode() == best and t["reward"].item() == 1.0
+    assert t["old_logprobs"].tolist() == pytest.approx([-2.0 / len(best)] * len(best))
+    assert not t["advantages"].any()  # r - sg(V(s_t)) is the trainer's (train.advantages)
+    # N = 1: the only sample is the first, 13 for 10
+    [t] = train.bon_trajectories([problem], ScriptedSampler(answers_script),
+                                 replace(args, bon_n=1), 5)
+    assert t["reward"].item() == pytest.approx(0.4)
 
 
 def test_work_items_are_disjoint_and_deterministic():
@@ -241,7 +342,7 @@ def test_non_finite_gradient_norm_skips_the_update(tiny_test_model):
     a = train.trajectory([5, 6, 7], [8, 9], [-0.5, -1.5], 1.0, float("nan"), 0)
     b = train.trajectory([5], [4, 3, 2], [-1.0, -2.0, -3.0], -1.0, 0.5, 0)
     batch = train.collate([a, b], tok.pad_token_id)
-    args = train.Args(c_kl=0.0)
+    args = train.Args(c_kl=0.0, mcts_baseline="value")  # the trainer's r - V: a's NaN unused
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
     stats = train.train_step(policy, None, opt, batch, args)  # a healthy step moves the weights
     assert stats["skipped_step"] == 0.0 and math.isfinite(stats["grad_norm"])
@@ -323,6 +424,27 @@ def test_preset_gives_defaults_and_flags_override():
     assert args.model == "Qwen/Qwen2.5-1.5B-Instruct" and args.backend == "vllm"
     assert train.traj_per_step(train.replace(args, method="cispo")) == 128 * 16
     assert train.parse_args([]) == train.Args()
+
+
+def test_blog_preset_is_the_blogs_table_and_the_authors_code():
+    """Every preset field, written out from the blog's "Table of Values" and method (A = r -
+    sg(V), virtual loss = 1 added to the visit counts: value 0) and, where the table is silent,
+    the author's code (at2005/llm-mcts): a field that drifts from its source fails here."""
+    table = {"model": "Qwen/Qwen2.5-1.5B-Instruct", "mcts_workers": 16, "mcts_k": 4,
+             "mcts_iterations": 100, "batch_size": 32, "cispo_groups": 128, "group_size": 16,
+             "eps_high": 5.0, "bon_n": 64, "sync_every": 8, "c_puct": 0.5, "c_kl": 0.05,
+             "c_ppo": 1.0, "c_value": 1.0, "n_trainers": 2, "n_generators": 6,
+             "eval_problems": 820, "eval_n": 16}
+    method = {"mcts_baseline": "value", "mcts_virtual_value": 0.0, "mcts_distill": "path",
+              "mcts_select": "visits", "loss": "cispo", "method": "mcts"}
+    authors_code = {"lr": 5e-6, "lr_schedule": "linear", "steps": 2048, "max_grad_norm": 0.1,
+                    "temperature": 0.8, "max_step_tokens": 64, "max_new_tokens": 512,
+                    "eval_temperature": 0.2, "eval_every": 6 * 8, "loss_agg": "sequence"}
+    args = train.parse_args(["--preset", "blog"])
+    for field, value in (table | method | authors_code).items():
+        assert getattr(args, field) == value, field
+    assert mcts.MCTSConfig().virtual_loss == 1
+    assert train.mcts_config(args).virtual_value == 0.0
 
 
 # ------------------------------------------------------------------------------- the CLI
@@ -468,6 +590,26 @@ def test_mcts_end_to_end(tiny_test_model, tmp_path):
             assert row["eval_search_gain"] == pytest.approx(
                 row["eval_search_reward"] - row["eval_sample_reward"])
             assert 0 <= row["eval_search_success"] <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_final_eval_pairs_the_run_with_the_shipped_start_eval(tmp_path, capsys):
+    """The end of a tiny run: eval.py on all 820 test problems, paired per problem with the
+    start model's shipped eval (reused, not sampled again). Evaluated on the start model itself,
+    with the shipped eval's seed, the pairing is with its own samples: a difference of ~0."""
+    import tiny
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny.SHIPPED, out)  # a "run" whose last checkpoint is the start model
+    summary = train.final_eval(out, train.Args(model=str(tiny.SHIPPED), backend="torch"))
+    start = tiny.start_eval(1.0)
+    assert summary["baseline"]["mean_at_n"] == start["mean_at_n"]  # the shipped numbers
+    assert summary["n_problems"] == 820 and len(summary["per_problem"]) == 820
+    assert abs(summary["difference"]) < 0.01  # identical here (one CPU kind); ~0 on others
+    saved = json.loads((out / "eval_t1.json").read_text())
+    assert saved["difference"] == summary["difference"]
+    assert "paired gain" in capsys.readouterr().out
 
 
 @pytest.mark.timeout(300)
@@ -742,6 +884,41 @@ def test_health_stats_by_hand():
     assert h["completion_len"] == 1.5
     # |logp - old|: row 0 |-1.5 + 1| and |-2 + 2|, row 1 |-0.25 + 0.5|
     assert h["logp_gap"] == pytest.approx((0.5 + 0.0 + 0.25) / 3)
+
+
+def test_entropies_in_pieces_equal_the_whole_and_stay_small_at_a_real_vocabulary():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 7)
+    valid = torch.rand(3, 5) > 0.4
+    log_p = torch.log_softmax(logits, -1)
+    whole = -(log_p.exp() * log_p).sum(-1)[valid]
+    for elements in (7, 20, 1 << 22):  # one position per piece, two, all at once
+        torch.testing.assert_close(diagnostics.token_entropies(logits, valid, elements), whole)
+    # Qwen2.5's vocabulary, bf16 logits of 4 x 256 positions (311 MB): the float32 log-softmax,
+    # its exp and their product of the whole tensor would add ~1.9 GB of peak memory
+    code = """
+import resource, torch, diagnostics
+logits = torch.empty(4, 256, 151936, dtype=torch.bfloat16).normal_()
+valid = torch.ones(4, 256, dtype=torch.bool)
+diagnostics.token_entropies(logits[:, :2], valid[:, :2])  # warm up the allocator and kernels
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+h = diagnostics.token_entropies(logits, valid)
+assert h.shape == (1024,) and h.isfinite().all()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, check=True)
+    assert float(r.stdout.strip()) < 200  # MiB of peak growth: pieces of 2^22 logits (16 MiB)
+
+
+def test_the_ddp_group_waits_out_rank_0s_eval(monkeypatch):
+    """Collectives wait DDP_TIMEOUT (2 h), not NCCL's default 10 minutes: rank 0's eval at the
+    blog's scale takes longer than that while the other ranks wait in an all-reduce."""
+    seen = {}
+    monkeypatch.setattr(infra.dist, "init_process_group", lambda *a, **k: seen.update(k))
+    infra.init_process_group(torch.device("cpu"), 0, 2, 12345)
+    assert seen["timeout"] == infra.DDP_TIMEOUT and infra.DDP_TIMEOUT.total_seconds() == 7200
+    assert seen["world_size"] == 2 and seen["init_method"] == "tcp://127.0.0.1:12345"
 
 
 def test_batch_format_rate_and_first_malformed_answer():
