@@ -13,6 +13,9 @@ from hypothesis import strategies as st
 from countdown import (
     ANSWER_CLOSE,
     ANSWER_OPEN,
+    MAX_ANSWER_CHARS,
+    MAX_DEPTH,
+    MAX_LITERAL_DIGITS,
     STEP_END,
     Problem,
     dense_reward,
@@ -104,6 +107,29 @@ def test_exact_fractions():
 def test_rewards_survive_hostile_input(text):
     assert dense_reward(text, P) == -1.0
     assert sparse_reward(text, P) == 0.0
+
+
+def test_each_parser_limit_turns_an_otherwise_scoring_answer_away():
+    """Inputs that score without the limit (the problem's own numbers, an exact answer, a
+    well-formed expression), so lifting MAX_ANSWER_CHARS, MAX_DEPTH or MAX_LITERAL_DIGITS fails
+    here, not only on inputs that score -1 anyway."""
+    exact = Problem((1, 2, 3, 4), 10)
+    pad = MAX_ANSWER_CHARS - len("1+2+3+4")
+    at_limit, over = "1+" + " " * pad + "2+3+4", "1+" + " " * (pad + 1) + "2+3+4"
+    assert sparse_reward(ans(at_limit), exact) == 1.0  # whitespace inside the tags is allowed
+    assert dense_reward(ans(over), exact) == -1.0 and sparse_reward(ans(over), exact) == 0.0
+    # depth: a left-leaning chain of n additions is n deep (the root BinOp at depth 0)
+    chain = "+".join(["1"] * (MAX_DEPTH + 1))  # MAX_DEPTH additions: leaves at MAX_DEPTH
+    assert is_well_formatted(ans(chain))
+    assert not is_well_formatted(ans(chain + "+1"))
+    biggest = "9" * MAX_LITERAL_DIGITS
+    assert is_well_formatted(ans(biggest)) and not is_well_formatted(ans(biggest + "9"))
+    # an exact answer with one literal over the bound (13 * 10^6 / 10^6 ...) is turned away too
+    big = "1" + "0" * MAX_LITERAL_DIGITS
+    assert dense_reward(ans(f"(1+2+3+4)*{big}/{big}"), Problem((1, 2, 3, 4, int(big), int(big)),
+                                                               10)) == -1.0
+    assert dense_reward(ans("(1+2+3+4)*999999/999999"), Problem((1, 2, 3, 4, 999999, 999999),
+                                                                 10)) == 1.0
 
 
 # --- fuzzing -------------------------------------------------------------------------------------
