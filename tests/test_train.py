@@ -333,6 +333,41 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, bad):
     assert infra.latest_checkpoint(tmp_path) == ckpts / "step-000004"
 
 
+def fake_shared(policy: torch.nn.Module, version: int = 0):
+    """The parts of infra.Shared that publishing and warnings touch."""
+    import queue
+    import threading
+    from types import SimpleNamespace
+
+    return SimpleNamespace(lock=threading.Lock(), log_q=queue.Queue(),
+                           version=SimpleNamespace(value=version),
+                           weights={k: v.detach().clone() for k, v in policy.state_dict().items()})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_never_published(bad):
+    sh = fake_shared(_FakePolicy(0.0), version=8)
+    infra.publish_weights(sh, _FakePolicy(1.0), 16)  # healthy: copied, version bumped
+    assert sh.version.value == 16 and sh.weights["w"].tolist() == [1.0, 1.0]
+    with pytest.raises(FloatingPointError, match="non-finite weights at step 24: not published"):
+        infra.publish_weights(sh, _FakePolicy(bad), 24)
+    assert sh.version.value == 16 and sh.weights["w"].tolist() == [1.0, 1.0]  # untouched
+
+
+def test_skipped_updates_are_counted_and_each_is_warned_about(capsys):
+    sh, alarms = fake_shared(_FakePolicy()), infra.Alarms(kl_warn=0.1)
+    alarms.check(sh, 1, skipped_step=0.0, kl=0.0)
+    alarms.check(sh, 2, skipped_step=1.0, kl=0.05)
+    alarms.check(sh, 3, skipped_step=1.0, kl=0.2)  # and the KL passes --kl-warn: once
+    alarms.check(sh, 4, skipped_step=0.0, kl=0.3)
+    assert alarms.skipped == 2
+    events = [sh.log_q.get_nowait() for _ in range(sh.log_q.qsize())]
+    assert [(e["event"], e["step"]) for e in events] == [("warning", 2), ("warning", 3),
+                                                         ("warning", 3)]
+    assert "2 skipped so far" in events[1]["message"] and "KL" in events[2]["message"]
+    assert capsys.readouterr().err.count("train.py: warning: non-finite gradient norm") == 2
+
+
 def test_non_finite_gradient_norm_skips_the_update(tiny_test_model):
     """A NaN gradient (what --lr 1e6 produces a step or two in) must leave every weight and the
     optimizer untouched, and say so in the step's stats."""
