@@ -166,6 +166,20 @@ def leave_one_out_advantages(rewards: list[float]) -> list[float]:
     return [r - (total - r) / (n - 1) for r in rewards]
 
 
+def visit_weighted_advantages(rewards: list[float], visits: list[int]) -> list[float]:
+    """The search's own distribution over its answers as the teacher (AlphaZero distils the
+    root's visit counts; here at the answer level): answer i weighs N_i / mean N of the visited
+    answers, times its reward minus the mean reward of all the tree's answers (the tree
+    baseline). Unvisited answers weigh 0: the search sampled them but never backed them up."""
+    if len(rewards) != len(visits):
+        raise ValueError("visit_weighted_advantages: one visit count per reward")
+    visited = [n for n in visits if n > 0]
+    if not visited:
+        return [0.0] * len(rewards)
+    mean_r, mean_n = sum(rewards) / len(rewards), sum(visited) / len(visited)
+    return [n / mean_n * (r - mean_r) for r, n in zip(rewards, visits)]
+
+
 def tree_step_advantages(paths: list[list], rewards: list[float]) -> list[list[float]]:
     """TreeRL's step credit (arXiv 2506.11902, Sec. 3.2) on any tree given by its answers:
     paths[i] = the node ids from the first step to answer i's last step (root excluded), all of

@@ -58,9 +58,11 @@ Interpretation choices (the README links here):
   tokens it pays for. Credit comes from the tree's own answers, as in TreeRL (arXiv 2506.11902):
   leave-one-out (an answer minus the mean of the others, on every token) or TreeRL's step credit
   (a step's subtree mean against the root's and its parent's, over sqrt(answers below it)); both
-  in losses.py. Not the root's visit distribution (AlphaZero's target): with K = 4 children and
-  ~12 rounds most children are visited once or never, the regime where Gumbel AlphaZero (ICLR
-  2022) shows visit-count targets fail to improve the policy. The answers are the policy's own
+  in losses.py; or `visits`: only the answers the search backed up, each weighted by its visit
+  count (the search's distribution at the answer level, AlphaZero's kind of target) against the
+  tree's mean reward. Not the root's visit distribution over its K = 4 children: with ~12
+  rounds most children are visited once or never, the regime where Gumbel AlphaZero (ICLR 2022)
+  shows visit-count targets fail to improve the policy. The answers are the policy's own
   samples (each step sampled at the recorded log-probs), only which prefixes were extended is
   the search's choice, so CISPO's ratio to pi_old applies as for any sample.
 """
@@ -248,6 +250,8 @@ class Answer:
     steps: list  # the tree nodes from the first step to the last (root excluded); a rollout that
     #              finished the selected path is one more step, named "rollout"
     lengths: list[int]  # tokens of each step
+    visits: int  # N of its last tree node: how often the search backed up through this answer
+    #              (for the rollout answer, through the node the rollout finished)
 
 
 def answers(result: SearchResult) -> list[Answer]:
@@ -258,13 +262,14 @@ def answers(result: SearchResult) -> list[Answer]:
         steps = node.path()[1:]
         out.append(Answer(tokens=[t for n in steps for t in n.tokens],
                           logprobs=[x for n in steps for x in n.logprobs], reward=node.reward,
-                          steps=steps, lengths=[len(n.tokens) for n in steps]))
+                          steps=steps, lengths=[len(n.tokens) for n in steps], visits=node.N))
         seen.add(tuple(out[-1].tokens))
     if result.stats["from_rollout"] and tuple(result.tokens) not in seen:
         steps = result.path[1:]
         out.append(Answer(tokens=list(result.tokens), logprobs=list(result.logprobs),
                           reward=result.reward, steps=[*steps, "rollout"],
-                          lengths=[len(n.tokens) for n in steps] + [result.stats["rollout_tokens"]]))
+                          lengths=[len(n.tokens) for n in steps] + [result.stats["rollout_tokens"]],
+                          visits=result.path[-1].N))
     return out
 
 

@@ -90,9 +90,10 @@ class Args:
     mcts_distill: Literal["path", "whole"] = "path"
     """what the search teaches: the selected trajectory (blog), or every distinct answer in the
     tree with tree-relative advantages (whole-tree distillation, `whole_tree_trajectories`)"""
-    mcts_credit: Literal["leaf", "step"] = "leaf"
+    mcts_credit: Literal["leaf", "step", "visits"] = "leaf"
     """whole tree: an answer's reward minus the mean of the tree's other answers on all its tokens
-    (leaf), or TreeRL's per-step credit from subtree means (step)"""
+    (leaf), TreeRL's per-step credit from subtree means (step), or the visited answers weighted
+    by their visit counts against the tree's mean reward (visits)"""
     mcts_value_targets: Literal["path", "tree"] = "path"  # value targets: path (blog), all answers
     kl_warn: float = 0.1  # warn once when the k3 KL to the start model passes this (0: never)
     search_gain_problems: int = 16
@@ -283,14 +284,19 @@ def whole_tree_trajectories(r: mcts.SearchResult, credit: str, version: int) -> 
     from the tree's own answers (no value head, no extra sampling): leave-one-out (TreeRL's leaf
     baseline, `losses.leave_one_out_advantages`) on every token, or TreeRL's step credit
     (`losses.tree_step_advantages`) per step. The search is the blog's; what it teaches is all it
-    found, not one path (Stream of Search: more than the optimal path helps on Countdown)."""
+    found, not one path (Stream of Search: more than the optimal path helps on Countdown).
+    `visits`: only the answers the search backed up, weighted by its visit counts
+    (`losses.visit_weighted_advantages`), as AlphaZero distils the search's distribution."""
     answers = mcts.answers(r)
     rewards = [a.reward for a in answers]
-    if credit == "leaf":
-        per_answer = [[a] * len(x.steps) for a, x in
-                      zip(losses.leave_one_out_advantages(rewards), answers)]
-    else:
+    if credit == "step":
         per_answer = losses.tree_step_advantages([x.steps for x in answers], rewards)
+    else:
+        per_answer = [[a] * len(x.steps) for a, x in zip(
+            losses.leave_one_out_advantages(rewards) if credit == "leaf" else
+            losses.visit_weighted_advantages(rewards, [x.visits for x in answers]), answers)]
+    if credit == "visits":  # unvisited answers carry no gradient: leave them out of the batch
+        answers, per_answer = zip(*[(x, a) for x, a in zip(answers, per_answer) if x.visits])
     info = search_info(r) | {"search_answers": len(answers)}
     return [trajectory(r.prompt_ids, x.tokens, x.logprobs, x.reward,
                        [a for a, n in zip(adv, x.lengths) for _ in range(n)],

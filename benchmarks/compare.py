@@ -53,6 +53,8 @@ ARMS = {
     "mcts-whole": ["--method", "mcts", "--mcts-distill", "whole", "--c-puct", "2.0"],
     "mcts-whole-step": ["--method", "mcts", "--mcts-distill", "whole", "--mcts-credit", "step",
                         "--c-puct", "2.0"],
+    "mcts-whole-visits": ["--method", "mcts", "--mcts-distill", "whole", "--mcts-credit",
+                          "visits", "--c-puct", "2.0"],
     "cispo": ["--method", "cispo"],
     "bon": ["--method", "bon"],
     "sft": ["--method", "sft"],

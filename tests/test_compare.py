@@ -117,6 +117,7 @@ def test_every_arm_parses_to_its_settings():
     whole = train.parse_args(compare.ARMS["mcts-whole"])
     assert (whole.mcts_distill, whole.mcts_credit, whole.c_puct) == ("whole", "leaf", 2.0)
     assert train.parse_args(compare.ARMS["mcts-whole-step"]).mcts_credit == "step"
+    assert train.parse_args(compare.ARMS["mcts-whole-visits"]).mcts_credit == "visits"
 
 
 def test_report_refuses_a_run_from_another_start_model(tmp_path):

@@ -383,3 +383,14 @@ def test_tree_step_advantages_by_hand():
     assert got[2] == pytest.approx([(-1 - 0) + (-1 - 0)])
     with pytest.raises(ValueError, match="one non-empty path per reward"):
         losses.tree_step_advantages([["a"], []], [1.0, 0.0])
+
+
+def test_visit_weighted_advantages_by_hand():
+    # rewards 1, 0, -1 (mean 0); visits 3, 1, 0: visited mean 2 -> weights 1.5, 0.5, 0
+    assert losses.visit_weighted_advantages([1.0, 0.0, -1.0], [3, 1, 0]) == pytest.approx(
+        [1.5 * 1.0, 0.5 * 0.0, 0.0])
+    # the baseline is the mean of all answers, visited or not: 0.5 - mean(0.5, -0.5) = 0.5
+    assert losses.visit_weighted_advantages([0.5, -0.5], [4, 0]) == pytest.approx([0.5, 0.0])
+    assert losses.visit_weighted_advantages([0.3, 0.1], [0, 0]) == [0.0, 0.0]
+    with pytest.raises(ValueError, match="one visit count per reward"):
+        losses.visit_weighted_advantages([0.3], [1, 2])
