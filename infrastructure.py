@@ -410,7 +410,8 @@ def keep_rows_until(path: Path, max_step: float) -> None:
     path.write_text("".join(r + "\n" for r in rows))
 
 
-RUN_FILES = ("checkpoints", "metrics.jsonl", "events.jsonl", "config.json")  # what a run writes
+# what a run writes (--overwrite deletes these, nothing else)
+RUN_FILES = ("checkpoints", "metrics.jsonl", "events.jsonl", "config.json", "eval_t1.json")
 
 
 def check_run_dir(out: Path, config: dict, resume: bool, overwrite: bool,

@@ -462,6 +462,20 @@ def test_a_non_empty_out_needs_resume_or_overwrite(tiny_test_model, tmp_path):
     assert (out / "metrics.jsonl").read_text() == '{"step": 0}\n'
 
 
+def test_overwrite_deletes_the_old_runs_files_and_keeps_the_users(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step-000004").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step-000004\n")
+    for name in ("metrics.jsonl", "events.jsonl", "config.json", "eval_t1.json"):
+        (out / name).write_text('{"step": 4}\n')
+    (out / "notes.txt").write_text("mine")
+    assert infra.check_run_dir(out, {}, resume=False, overwrite=True, same=()) == (None, None)
+    infra.claim_run_dir(out, {"method": "cispo"}, None, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.txt"]
+    assert json.loads((out / "config.json").read_text()) == {"method": "cispo"}
+    assert (out / "notes.txt").read_text() == "mine"
+
+
 def test_no_checkpoint_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint to resume from"):
         infra.latest_checkpoint(tmp_path)
