@@ -816,6 +816,32 @@ def test_stopping_main_leaves_no_children(tiny_test_model, tmp_path, sig, code):
         assert trainer_state(out)["step"] == last and "stopped at step" in stderr
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_second_signal_stops_at_once(tiny_test_model, tmp_path):
+    """The first SIGINT waits for the trainer's checkpoint; with the trainer frozen that never
+    comes (the stall timeout is 10 minutes), so only the second SIGINT can end the run: exit 130
+    with every child stopped, the frozen one included."""
+    out = tmp_path / "twice"
+    proc, pids = start_run(out, *small_flags(str(tiny_test_model), out, 500),
+                           "--stall-timeout-s", "600", "--time-limit-min", "0")
+    os.kill(pids["trainer-0"], signal.SIGSTOP)
+    try:
+        proc.send_signal(signal.SIGINT)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.communicate(timeout=5)  # the first: still waiting for the checkpoint
+        proc.send_signal(signal.SIGINT)
+        stderr = _ended(proc, timeout=60)  # the second: at once, not after the stall timeout
+    finally:
+        if _alive(pids["trainer-0"]):
+            os.kill(pids["trainer-0"], signal.SIGCONT)
+    assert proc.returncode == 130 and "interrupted, stopping children" in stderr
+    deadline = time.time() + 15
+    while time.time() < deadline and any(map(_alive, pids.values())):
+        time.sleep(0.5)
+    assert not any(map(_alive, pids.values()))
+
+
 def _rows(path: Path) -> list[dict]:
     """The complete lines of a JSONL file a running process is writing."""
     rows = []
