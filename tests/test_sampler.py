@@ -85,11 +85,8 @@ def test_greedy_equals_hf_generate_ragged_batch():
     assert len({tuple(c.tokens) for (c,) in out}) == len(out)  # the prompts really differ
 
 
-def test_greedy_equals_hf_generate_tiny_model(request):
-    try:
-        path = request.getfixturevalue("tiny_test_model")
-    except pytest.FixtureLookupError:
-        pytest.skip("tiny_test_model fixture (tests/conftest.py) not available yet")
+def test_greedy_equals_hf_generate_tiny_model(tiny_test_model):
+    path = tiny_test_model
     policy = PolicyWithValue.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     sampler = TorchSampler(policy, tok)

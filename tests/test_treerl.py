@@ -276,22 +276,14 @@ def test_bad_config_is_a_clear_error():
 
 
 @pytest.fixture(scope="module")
-def tiny_policy(request):
-    """The conftest's trained tiny test model when there is one; else the same architecture
-    with random weights (the logprob check needs no training, and building takes ~90 s here)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def tiny_policy(tiny_test_model):
+    """The conftest's trained tiny test model (never a silent switch to random weights)."""
+    from transformers import AutoTokenizer
 
-    import tiny
     from value_head import PolicyWithValue
 
-    try:
-        path = request.getfixturevalue("tiny_test_model")
-        return PolicyWithValue.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-    except pytest.FixtureLookupError:
-        torch.manual_seed(0)
-        tok = tiny.build_tokenizer()
-        lm = AutoModelForCausalLM.from_config(tiny.tiny_config(tok, "test"))
-        return PolicyWithValue(lm).eval(), tok
+    return (PolicyWithValue.from_pretrained(tiny_test_model).eval(),
+            AutoTokenizer.from_pretrained(tiny_test_model))
 
 
 def test_tiny_model_trajectories_match_teacher_forcing(tiny_policy):
