@@ -200,11 +200,12 @@ def report(results: Path, figures: Path) -> str:
     header = ("| arm | seeds | steps | generated tokens | mean@16 T=1.0 | mean@16 T=0.2 | gain vs "
               "start T=1.0 | gain vs start T=0.2 | gain vs sft T=1.0 | gain vs sft T=0.2 | "
               f"200-problem eval at {budget / 1e6:.2f} M tokens | KL (last 100) | "
-              "generated per trained token |")
-    lines = [header, "| --- " * 13 + "|"]
+              "generated per trained token | pass@16 T=1.0 |")
+    lines = [header, "| --- " * 14 + "|"]
     if start:
         lines.append(f"| start | | 0 | 0 | {spread([start[1.0]['mean_at_n']])} | "
-                     f"{spread([start[0.2]['mean_at_n']])} | | | | | | | |")
+                     f"{spread([start[0.2]['mean_at_n']])} | | | | | | | | "
+                     f"{spread([start[1.0].get('pass_at_n', np.nan)])} |")
     sft = {seed_of(r): r for r in runs.get("sft", [])}
     order = sorted(runs, key=lambda a: -np.mean([r["evals"][1.0]["mean_at_n"] for r in runs[a]]))
     for arm in order:
@@ -222,6 +223,7 @@ def report(results: Path, figures: Path) -> str:
         cells.append(spread([r["kl"] for r in arm_runs], 1, "", 3))
         ratios = [r["tokens"] / r["trained"] for r in arm_runs if r["trained"] > 0]
         cells.append(spread(ratios, 1, "", 1) if ratios and arm != "sft" else "")
+        cells.append(spread([r["evals"][1.0].get("pass_at_n", np.nan) for r in arm_runs]))
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     figures.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,8 @@ spec.loader.exec_module(compare)
 def write_eval(d: Path, t: float, per_problem: list[float]) -> None:
     d.mkdir(parents=True, exist_ok=True)
     compare.eval_path(d, t).write_text(json.dumps(
-        {"mean_at_n": sum(per_problem) / len(per_problem), "per_problem": per_problem}))
+        {"mean_at_n": sum(per_problem) / len(per_problem), "per_problem": per_problem,
+         "pass_at_n": sum(p > 0 for p in per_problem) / len(per_problem)}))
 
 
 def write_run(results: Path, name: str, method: str, seed: int, per_problem: dict,
@@ -51,8 +52,9 @@ def test_report_table_by_hand(tmp_path):
     table = compare.report(results, figures).splitlines()
     # the equal-token budget is the cheapest sampling run's total (sft samples nothing): 1 M
     assert table[0].endswith("| 200-problem eval at 1.00 M tokens | KL (last 100) | "
-                             "generated per trained token |")
-    assert table[2] == "| start | | 0 | 0 | 25.00% | 25.00% | | | | | | | |"
+                             "generated per trained token | pass@16 T=1.0 |")
+    # pass@16: the share of problems with any correct sample ([0, 0.5] -> 50%)
+    assert table[2] == "| start | | 0 | 0 | 25.00% | 25.00% | | | | | | | | 50.00% |"
     [cispo] = [line.split(" | ") for line in table if line.startswith("| cispo ")]
     # arm, seeds, steps, tokens, T=1 mean [min, max], T=0.2, gain T=1, gain T=0.2, vs sft T=1,
     # vs sft T=0.2, eval at equal tokens, KL
@@ -65,7 +67,8 @@ def test_report_table_by_hand(tmp_path):
     assert cispo[11] == "0.030 [0.020, 0.040]"
     # trained: 4 steps x 2 groups x 16 samples (train.py's cispo batch) x 25 tokens = 3,200;
     # generated 1 M and 2 M -> 312.5 and 625 per trained token
-    assert cispo[12] == "468.8 [312.5, 625.0] |"
+    assert cispo[12] == "468.8 [312.5, 625.0]"
+    assert cispo[13] == "75.00% [50.00, 100.00] |"  # [0.5, 0.5] -> 100%, [0, 1] -> 50%
     assert not any(line.startswith("| mcts") for line in table)
     assert (figures / "results.md").read_text().splitlines() == table
     assert (figures / "eval_mean_at_16.png").stat().st_size > 1000
@@ -77,7 +80,8 @@ def test_the_shipped_models_own_evals_are_the_start_of_the_main_folder(tmp_path)
     assert compare.start_evals(tmp_path) == {t: compare.tiny.start_eval(t)
                                              for t in compare.TEMPERATURES}
     write_eval(tmp_path / "start", 1.0, [0.25])  # a history folder: its own start evals
-    assert compare.start_evals(tmp_path) == {1.0: {"mean_at_n": 0.25, "per_problem": [0.25]}}
+    assert compare.start_evals(tmp_path) == {1.0: {"mean_at_n": 0.25, "per_problem": [0.25],
+                                                   "pass_at_n": 1.0}}
 
 
 def test_jobs_skip_finished_runs_and_resume_unfinished(tmp_path):
