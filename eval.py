@@ -367,5 +367,20 @@ def main(args: Args, show: bool = True) -> dict:
     return summary
 
 
+def final_eval(run_dir: Path, baseline: str | None, backend: str = "auto") -> dict:
+    """The end of a train.py run: mean@16 of its last checkpoint on all 820 test problems at
+    T = 1.0 into <run_dir>/eval_t1.json, and with `baseline` ("tiny": its shipped eval, not
+    sampled again) the paired gain; one line printed."""
+    summary = main(Args(checkpoint=str(run_dir), baseline=baseline, backend=backend,
+                        out=Path(run_dir) / "eval_t1.json"), show=False)
+    line = (f"mean@16 on all {summary['n_problems']} test problems (T = 1.0): "
+            f"{summary['mean_at_n']:.2%} ± {summary['ci95']:.2%}")
+    if baseline:
+        line += (f"; start {summary['baseline']['mean_at_n']:.2%}, paired gain "
+                 f"{100 * summary['difference']:+.2f} ± {100 * summary['difference_ci95']:.2f} points")
+    print(line, f"({Path(run_dir) / 'eval_t1.json'})")
+    return summary
+
+
 if __name__ == "__main__":
     main(tyro.cli(Args))

@@ -603,25 +603,10 @@ def run(args: Args) -> int:
                          stall_timeout_s=args.stall_timeout_s)
     if rc == 0:
         infra.print_summary(out, args.eval_n, args.eval_problems)
-        if args.final_eval:
-            final_eval(out, args)
+        if args.final_eval:  # paired with the start's shipped eval when the start is tiny's
+            evaluation.final_eval(out, "tiny" if Path(args.model) == tiny.SHIPPED else None,
+                                  args.backend)
     return rc
-
-
-def final_eval(out: Path, args: Args) -> dict:
-    """eval.py on the run's last checkpoint: all 820 test problems at T = 1.0, and for the tiny
-    model the paired gain over the start (its shipped eval, not sampled again)."""
-    baseline = "tiny" if Path(args.model) == tiny.SHIPPED else None
-    summary = evaluation.main(evaluation.Args(checkpoint=str(out), baseline=baseline,
-                                              backend=args.backend, out=out / "eval_t1.json"),
-                              show=False)
-    line = (f"mean@16 on all {summary['n_problems']} test problems (T = 1.0): "
-            f"{summary['mean_at_n']:.2%} ± {summary['ci95']:.2%}")
-    if baseline:
-        line += (f"; start {summary['baseline']['mean_at_n']:.2%}, paired gain "
-                 f"{100 * summary['difference']:+.2f} ± {100 * summary['difference_ci95']:.2f} points")
-    print(line, f"({out / 'eval_t1.json'})")
-    return summary
 
 
 if __name__ == "__main__":

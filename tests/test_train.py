@@ -665,11 +665,12 @@ def test_final_eval_pairs_the_run_with_the_shipped_start_eval(tmp_path, capsys):
     """The end of a tiny run: eval.py on all 820 test problems, paired per problem with the
     start model's shipped eval (reused, not sampled again). Evaluated on the start model itself,
     with the shipped eval's seed, the pairing is with its own samples: a difference of ~0."""
+    import eval as evaluation
     import tiny
 
     out = tmp_path / "run"
     shutil.copytree(tiny.SHIPPED, out)  # a "run" whose last checkpoint is the start model
-    summary = train.final_eval(out, train.Args(model=str(tiny.SHIPPED), backend="torch"))
+    summary = evaluation.final_eval(out, "tiny", backend="torch")
     start = tiny.start_eval(1.0)
     assert summary["baseline"]["mean_at_n"] == start["mean_at_n"]  # the shipped numbers
     assert summary["n_problems"] == 820 and len(summary["per_problem"]) == 820
