@@ -153,15 +153,23 @@ def test_collate_puts_value_paths_in_the_value_mask_only():
     assert diagnostics.batch_info([a, b]) == {"search_depth": 3.0}
 
 
+WRONG = "<answer>1+2+3*4</answer>"  # for 1 2 3 4 -> 10: 15, dense reward 1 - 2 * 5/10 = 0
+
+
+def two_answers(done, stop):
+    """test_mcts's hand_script, except that after its step A come two answers: test_mcts's
+    ANSWER (reward 1) and WRONG (reward 0)."""
+    from test_mcts import ANSWER, A, hand_script
+
+    if done == A and stop != ("</answer>",):
+        return [(ANSWER, -0.2, "answer", 0.8), (WRONG, -1.2, "answer", 0.1)]
+    return hand_script(done, stop)
+
+
 def test_mcts_producer_tree_baseline_value_paths_and_search_metrics():
-    from test_mcts import ANSWER, PROBLEM, A, B, ScriptedSampler, hand_script
+    from test_mcts import ANSWER, PROBLEM, A, B, ScriptedSampler
 
-    wrong = "<answer>1+2+3*4</answer>"  # 15 for 10: dense reward 1 - 2 * 5/10 = 0
-
-    def script(done, stop):
-        if done == A and stop != ("</answer>",):
-            return [(ANSWER, -0.2, "answer", 0.8), (wrong, -1.2, "answer", 0.1)]
-        return hand_script(done, stop)
+    wrong, script = WRONG, two_answers
     # workers 1, M 4 (by hand as in test_mcts): root, A expanded, then ANSWER (prior 0.73,
     # reward 1.0) selected twice; greedy: A -> ANSWER. The tree's answers: ANSWER and wrong.
     args = train.Args(mcts_workers=1, mcts_iterations=4, mcts_k=2, max_new_tokens=256,
@@ -197,19 +205,13 @@ def test_mcts_producer_tree_baseline_value_paths_and_search_metrics():
 
 
 def test_whole_tree_visits_credit_keeps_the_visited_answers_weighted_by_visits():
-    from test_mcts import ANSWER, PROBLEM, A, ScriptedSampler, hand_script
+    from test_mcts import ANSWER, PROBLEM, A, ScriptedSampler
 
-    wrong = "<answer>1+2+3*4</answer>"  # dense reward 0
-
-    def script(done, stop):
-        if done == A and stop != ("</answer>",):
-            return [(ANSWER, -0.2, "answer", 0.8), (wrong, -1.2, "answer", 0.1)]
-        return hand_script(done, stop)
     # as in the test above: ANSWER selected in rounds 3 and 4 (N = 2), wrong never (N = 0).
     # Visited: ANSWER alone, weight 2 / 2 = 1, advantage 1.0 - mean(1.0, 0.0); wrong left out
     args = train.Args(mcts_workers=1, mcts_iterations=4, mcts_k=2, max_new_tokens=256,
                       max_step_tokens=64, mcts_distill="whole", mcts_credit="visits")
-    [t] = train.mcts_trajectories([PROBLEM], ScriptedSampler(script), args, 0)
+    [t] = train.mcts_trajectories([PROBLEM], ScriptedSampler(two_answers), args, 0)
     assert bytes(t["tokens"].tolist()).decode() == A + ANSWER
     assert t["advantages"].tolist() == [0.5] * len(A + ANSWER)
 
@@ -217,7 +219,7 @@ def test_whole_tree_visits_credit_keeps_the_visited_answers_weighted_by_visits()
 def test_whole_tree_counts_the_rollout_answer_as_a_step_of_its_own():
     from test_mcts import PROBLEM, A, ScriptedSampler, hand_script
 
-    wrong = "<answer>1+2+3*4</answer>"  # dense reward 0
+    wrong = WRONG  # dense reward 0
     step = "3+3=6</step>"
     rollout = "<answer>(1+2)*3+4</answer>"  # hand_script's rollout: 13 for 10, reward 0.4
 
