@@ -53,9 +53,9 @@ Interpretation choices (the README links here):
   identical subtrees.
 - Whole-tree distillation (beyond the blog; train.py --mcts-distill whole): the search is
   unchanged, but the trainer gets every distinct answer it produced (`answers`: each terminal,
-  visited or not, and the selection's rollout answer if new), not one path. A tree samples ~13
-  answers for the one it selects, so single-path distillation trains on a few percent of the
-  tokens it pays for. Credit comes from the tree's own answers, as in TreeRL (arXiv 2506.11902):
+  visited or not, and the selection's rollout answer if new), not one path. A tree samples ~10
+  answers for the one it selects, so single-path distillation trains on ~7% of the tokens it
+  pays for. Credit comes from the tree's own answers, as in TreeRL (arXiv 2506.11902):
   leave-one-out (an answer minus the mean of the others, on every token) or TreeRL's step credit
   (a step's subtree mean against the root's and its parent's, over sqrt(answers below it)); both
   in losses.py; or `visits`: only the answers the search backed up, each weighted by its visit
