@@ -296,7 +296,8 @@ def whole_tree_trajectories(r: mcts.SearchResult, credit: str, version: int) -> 
             losses.leave_one_out_advantages(rewards) if credit == "leaf" else
             losses.visit_weighted_advantages(rewards, [x.visits for x in answers]), answers)]
     if credit == "visits":  # unvisited answers carry no gradient: leave them out of the batch
-        answers, per_answer = zip(*[(x, a) for x, a in zip(answers, per_answer) if x.visits])
+        kept = [i for i, x in enumerate(answers) if x.visits]
+        answers, per_answer = [answers[i] for i in kept], [per_answer[i] for i in kept]
     info = search_info(r) | {"search_answers": len(answers)}
     return [trajectory(r.prompt_ids, x.tokens, x.logprobs, x.reward,
                        [a for a, n in zip(adv, x.lengths) for _ in range(n)],

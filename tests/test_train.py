@@ -244,6 +244,10 @@ def test_whole_tree_counts_the_rollout_answer_as_a_step_of_its_own():
                                  key=lambda t: t["reward"].item())
     assert leaf_bad["advantages"].tolist() == pytest.approx([-0.4] * len(A + wrong))
     assert leaf_good["advantages"].tolist() == pytest.approx([0.4] * len(A + step + rollout))
+    # visits: neither answer was backed up (wrong unvisited, the rollout finished the unvisited
+    # step): nothing to train on from this tree
+    assert train.mcts_trajectories([PROBLEM], ScriptedSampler(script),
+                                   replace(args, mcts_credit="visits"), 0) == []
     assert leaf_good["old_logprobs"].tolist() == pytest.approx(
         [-1.0 / len(A)] * len(A) + [-1.2 / len(step)] * len(step)
         + [-0.7 / len(rollout)] * len(rollout))
