@@ -147,21 +147,35 @@ def test_warm_start_learns_the_traces(tiny_test_model, tok):
 
 
 def test_ensure_tiny_builds_once_under_a_lock(tmp_path, monkeypatch):
-    calls = []
+    """The second caller reaches the lock while the first is still building (events, no sleep):
+    it waits, then finds the model built instead of building it again."""
+    calls, building, release, second_at_lock = [], *(threading.Event() for _ in range(3))
 
     def fake_build(out_dir, seed=0, size="default"):
         calls.append(seed)
-        threading.Event().wait(0.3)  # a slow build: the other thread must wait, not rebuild
+        building.set()
+        release.wait(60)  # until the other caller is at the lock
         Path(out_dir).mkdir(parents=True)
         return Path(out_dir)
 
+    real_flock = tiny.fcntl.flock
+
+    def flock(fd, op):
+        if building.is_set():  # only the second caller gets here during the build
+            second_at_lock.set()
+        return real_flock(fd, op)
+
     monkeypatch.setattr(tiny, "build_tiny", fake_build)
+    monkeypatch.setattr(tiny.fcntl, "flock", flock)
     monkeypatch.setenv("TREESEARCH_CACHE", str(tmp_path))
     results = []
     threads = [threading.Thread(target=lambda: results.append(tiny.ensure_tiny(3)))
                for _ in range(2)]
-    for t in threads:
-        t.start()
+    threads[0].start()
+    assert building.wait(60)
+    threads[1].start()
+    assert second_at_lock.wait(60)
+    release.set()
     for t in threads:
         t.join()
     assert calls == [3]
