@@ -260,7 +260,7 @@ def answers(result: SearchResult) -> list[Answer]:
     out, seen = [], set()
     for node in terminals(result.root):
         steps = node.path()[1:]
-        out.append(Answer(tokens=[t for n in steps for t in n.tokens],
+        out.append(Answer(tokens=path_tokens(node),
                           logprobs=[x for n in steps for x in n.logprobs], reward=node.reward,
                           steps=steps, lengths=[len(n.tokens) for n in steps], visits=node.N))
         seen.add(tuple(out[-1].tokens))

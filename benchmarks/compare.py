@@ -157,7 +157,8 @@ def report(results: Path, figures: Path) -> str:
     for d in sorted(p for p in results.iterdir() if p.is_dir() and p.name not in ("start", "history")):
         if not all(eval_path(d, t).is_file() for t in TEMPERATURES):
             continue
-        recorded = json.loads((d / "config.json").read_text()).get("start_checksum")
+        config = json.loads((d / "config.json").read_text())
+        recorded = config.get("start_checksum")
         if recorded and started and {recorded} != started:
             raise SystemExit(f"compare: {d} started from model {recorded[:12]}, but {results} "
                              f"holds the start evals of {', '.join(sorted(c[:12] for c in started))}")
@@ -165,7 +166,6 @@ def report(results: Path, figures: Path) -> str:
         rows = plots.read_jsonl(d / "metrics.jsonl")
         train_rows = [r for r in rows if "train_reward" in r]
         evals = {t: json.loads(eval_path(d, t).read_text()) for t in TEMPERATURES}
-        config = json.loads((d / "config.json").read_text())
         per_step = train.traj_per_step(replace(train.Args(), **{
             k: v for k, v in config.items() if k in train.Args.__dataclass_fields__}))
         runs.setdefault(arm, []).append({
