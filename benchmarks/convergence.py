@@ -14,7 +14,7 @@ paired difference includes 0 or lies below it (the same CI as `eval.py --baselin
 fails the test needs another doubling (`--steps 2S`, whose S runs are then the 2S runs here).
 Seeds pair only with seeds that ran at both budgets.
 
-The step size: --lr (default 2e-5, four times the author's 5e-6) chosen on training-side signals
+The step size: --lr (default 1e-5, twice the author's 5e-6) chosen on training-side signals
 only (train reward, KL, format rate, entropy: benchmarks/README.md "Convergence"), the same for
 every arm, so that S stays within a session's budget of two runs side by side.
 """
@@ -165,7 +165,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=700, help="S: the short budget (2S is the other)")
     ap.add_argument("--budgets", nargs="+", choices=("S", "2S"), default=["S", "2S"],
                     help="which budgets to run (both by default)")
-    ap.add_argument("--lr", type=float, default=2e-5, help="peak lr of the linear decay")
+    ap.add_argument("--lr", type=float, default=1e-5, help="peak lr of the linear decay")
     ap.add_argument("--eval-every", type=int, default=100, help="200-problem eval every N steps")
     ap.add_argument("--parallel", type=int, default=2, help="runs at a time (one core each)")
     ap.add_argument("--runs", default="runs/convergence", help="run directories (checkpoints)")

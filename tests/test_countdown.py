@@ -191,6 +191,64 @@ def test_random_trees_agree_with_independent_evaluation(data):
     assert sparse_reward(ans(other), problem) == 0.0
 
 
+def value_bits(v: Fraction) -> int:
+    """Bits of the larger of |numerator| and denominator (log2 of the value's height)."""
+    return max(v.numerator.bit_length(), v.denominator.bit_length())
+
+
+def height_bound(literals: list[int]) -> int:
+    """The height H = max(|p|, q) of p/q obeys H(x op y) <= 2 H(x) H(y) for + - * / (a/b + c/d =
+    (ad + bc) / bd, and reducing only lowers it), so an answer's value has at most
+    sum(bits(literal) + 1) + 1 bits above and below the fraction bar."""
+    return sum(n.bit_length() + 1 for n in literals) + 1
+
+
+def balanced(op: str, leaves: list[str]) -> str:
+    """A balanced, fully parenthesised tree of `leaves` under `op`: depth ~log2(len(leaves))."""
+    if len(leaves) == 1:
+        return leaves[0]
+    mid = len(leaves) // 2
+    return f"({balanced(op, leaves[:mid])}{op}{balanced(op, leaves[mid:])})"
+
+
+def test_parse_work_of_the_worst_allowed_answers_is_bounded():
+    """Exact Fractions can grow without bound (9**9**9 would not finish); the grammar keeps every
+    value within 4 bits per character of the answer (`height_bound`: a literal of d <= 6 digits
+    has at most 3.33 d + 1 bits, plus 1 per operation). So the longest allowed answer is at most
+    ~100 operations on integers of at most ~800 bits: microseconds."""
+    big = "9" * MAX_LITERAL_DIGITS
+    worst = []
+    for op in "*/+-":  # as many of the largest literals as fit, balanced to stay within MAX_DEPTH
+        n = max(k for k in range(1, 64) if len(balanced(op, [big] * k)) <= MAX_ANSWER_CHARS)
+        worst.append(balanced(op, [big] * n))
+    # a continued fraction: each level an addition and a division (2 deeper), as deep as allowed
+    cf = big
+    for _ in range(MAX_DEPTH // 2):
+        cf = f"{big}+1/({cf})"
+    worst.append(cf)
+    for expr in worst:
+        parsed = evaluate_expression(expr)
+        assert parsed is not None, expr  # allowed: within every limit
+        value, literals = parsed
+        assert value_bits(value) <= height_bound(literals) <= 4 * len(expr)
+    product = evaluate_expression(worst[0])
+    assert product[0] == 999999 ** len(product[1]) and len(product[1]) >= 20
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_value_size_is_bounded_by_the_literals(data):
+    """Any allowed answer stays within `height_bound`; an operator that breaks it (say **) fails
+    here."""
+    literals = data.draw(st.lists(st.integers(1, 10 ** MAX_LITERAL_DIGITS - 1), min_size=1,
+                                  max_size=12))
+    expr = tree_text(data.draw(expression_trees(tuple(literals))))
+    parsed = evaluate_expression(expr)
+    if parsed is None:  # a division by zero, or over the length / depth limits
+        return
+    assert value_bits(parsed[0]) <= height_bound(parsed[1])
+
+
 # --- solver --------------------------------------------------------------------------------------
 
 def brute_force_values(nums):
