@@ -88,19 +88,20 @@ def mean_at(runs: list[dict]) -> str:
 
 
 # config keys that do not change what a run trains: seeds of one setting are averaged over them
-# (checksums and debug_fail_at: test hooks that configs of older runs still hold)
 BOOKKEEPING = {"seed", "out", "resume", "dry_run", "checkpoint_every", "eval_every",
-               "eval_problems", "eval_n", "time_limit_min", "steps", "checksums", "debug_fail_at"}
+               "eval_problems", "eval_n", "time_limit_min", "steps"}
 
 
 def label_runs(runs: list[dict]) -> list[dict]:
     """Label each run with its method plus the settings that differ among that method's runs
-    (bookkeeping keys aside), so an ablation is drawn as separate lines, not as seeds."""
+    (bookkeeping keys aside), so an ablation is drawn as separate lines, not as seeds. Only keys
+    every run's config holds count: one that some lack is a flag added or removed in between."""
     by_method = defaultdict(list)
     for run in runs:
         by_method[run["method"]].append(run)
     for method, group in by_method.items():
-        keys = sorted({k for run in group for k in run.get("config", {})} - BOOKKEEPING - {"method"})
+        keys = sorted(set.intersection(*(set(run.get("config", {})) for run in group))
+                      - BOOKKEEPING - {"method"})
         differ = [k for k in keys if len({json.dumps(r.get("config", {}).get(k)) for r in group}) > 1]
         for run in group:
             settings = ", ".join(f"{k}={run.get('config', {}).get(k)}" for k in differ)

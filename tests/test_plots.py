@@ -217,8 +217,9 @@ def test_train_reward_smoothing_is_a_trailing_mean_by_hand(tmp_path):
 
 def test_runs_of_one_method_with_different_settings_are_separate_lines(tmp_path):
     """An ablation (same method, one flag differs) is two lines, labelled with the flag; seeds
-    and bookkeeping (out dir, time limit) still merge; other methods keep their plain name."""
-    specs = [("treerl", 0, 0.0, {"tree_reward": "dense", "out": "a", "lr": 3e-5}),
+    and bookkeeping (out dir, time limit) still merge, and so does a key only some configs hold
+    (a flag added or removed since); other methods keep their plain name."""
+    specs = [("treerl", 0, 0.0, {"tree_reward": "dense", "out": "a", "lr": 3e-5, "checksums": 0}),
              ("treerl", 1, 0.02, {"tree_reward": "dense", "out": "b", "lr": 3e-5}),
              ("treerl", 0, 0.1, {"tree_reward": "sparse", "out": "c", "lr": 3e-5,
                                  "time_limit_min": 20}),
