@@ -13,9 +13,7 @@ Interpretation choices (the README links here):
 - Depth and rounds: a node created in round r can be selected at the earliest in round r + 1, so
   after R rounds the deepest expanded node sits at depth R - 1 and a terminal at depth d can have
   its reward backed up only if R >= d + 1. The tiny model answers at depth 4 (three steps and the
-  answer), a 1.5B instruct model at ~4-8: the default M (train.py) leaves rounds to spare. Before
-  this rule M counted all workers together (ceil(M / 16) rounds): with M = 64 the search stopped
-  at depth 3, never backed up an answer and selected trajectories worse than one policy sample.
+  answer), a 1.5B instruct model at ~4-8: the default M (train.py) leaves rounds to spare.
 - Backup is AlphaZero's: a selected leaf is expanded (K children with priors) and the value of
   the leaf itself, V(s_leaf) from the value head, or its dense reward if terminal, is backed up
   with N += 1 along the path. Children get their V(s) in the same sampler call and it enters the
@@ -28,8 +26,8 @@ Interpretation choices (the README links here):
 - Virtual loss is "value added to visit counts" (blog table, author's code): a selecting worker
   adds 1 to N of every node on its path, Q = W / (N + VL), removed on backup. The exploration
   term always drops. With visits alone Q is pulled towards 0, which repels from a branch with
-  W > 0 but *draws* to one with W < 0 (most branches of a weak model: measured 347 collisions in
-  400 selections). So by default each virtual visit also counts with value -1, the worst
+  W > 0 but *draws* to one with W < 0 (most branches of a weak model), so workers collide. So
+  by default each virtual visit also counts with value -1, the worst
   reward (classic virtual *loss*): Q = (W - VL) / (N + VL). `virtual_value=0` is the
   visits-only rule of the blog's table / the author's code.
 - A selected terminal leaf needs no model call: its reward is backed up at once.
@@ -38,13 +36,9 @@ Interpretation choices (the README links here):
   children of that last node are already sampled and evaluated (a terminal's reward, or V(s)),
   so the best-evaluated one is taken (ties: higher prior) rather than sampling anew; only if it
   is not terminal does one policy rollout finish the answer.
-- c_puct: the blog's 0.5 here and in `--preset blog`; train.py's CPU default is 2.0. At its
+- c_puct: the blog's 0.5 here and in `--preset blog`; train.py's CPU default is 2.0: with its
   M = 12 (192 selections a tree; the author's code makes 1,600) a larger weight on the prior
-  selects trajectories with more exact answers from the tiny start model
-  (benchmarks/search_gain.py on 384 held-out training problems: 16.7% at 0.5, 22.4% at 2.0,
-  26.3% at 3.0; one sample 5.8-6.6%), and distilling the search at 2.0 ended higher than at 0.5
-  from the same start model (README Results: mean@16 10.1% vs 9.0% at T = 1.0, 13.0% vs 13.2%
-  at T = 0.2, two seeds each).
+  selects better trajectories (benchmarks/README.md, "c_puct").
 - Token budget (`max_tree_tokens`, for equal-compute comparisons in eval.py): the search of a
   tree stops when the next expansion could overrun it, counting each expansion at its worst case
   (K samples of max_step_tokens) and keeping max_total_tokens for the final rollout.
@@ -53,9 +47,9 @@ Interpretation choices (the README links here):
   identical subtrees.
 - Whole-tree distillation (beyond the blog; train.py --mcts-distill whole): the search is
   unchanged, but the trainer gets every distinct answer it produced (`answers`: each terminal,
-  visited or not, and the selection's rollout answer if new), not one path. A tree samples ~10
-  answers for the one it selects, so single-path distillation trains on ~7% of the tokens it
-  pays for. Credit comes from the tree's own answers, as in TreeRL (arXiv 2506.11902):
+  visited or not, and the selection's rollout answer if new), not one path: a tree samples many
+  answers for the one it selects, and single-path distillation trains on a small share of the
+  tokens it pays for. Credit comes from the tree's own answers, as in TreeRL (arXiv 2506.11902):
   leave-one-out (an answer minus the mean of the others, on every token) or TreeRL's step credit
   (a step's subtree mean against the root's and its parent's, over sqrt(answers below it)); both
   in losses.py; or `visits`: only the answers the search backed up, each weighted by its visit
@@ -333,6 +327,18 @@ def can_expand(tokens_used: int, cfg: MCTSConfig) -> bool:
             or tokens_used + expansion_cost(cfg) + cfg.max_total_tokens <= cfg.max_tree_tokens)
 
 
+@dataclass(eq=False)
+class _Tree:
+    """One problem's search: its tree and counters (the token budget among them)."""
+
+    problem: countdown.Problem
+    prompt_ids: list[int]
+    root: Node = field(default_factory=lambda: Node(value=0.0))  # its Q is never compared: backs up 0
+    stats: dict = field(default_factory=lambda: dict.fromkeys(
+        ("nodes", "expansions", "collisions", "terminal_backups", "tokens_generated"), 0))
+    out_of_budget: bool = False  # max_tree_tokens spent: this tree's search is over
+
+
 def search(problems: list[countdown.Problem], sampler, cfg: MCTSConfig | None = None
            ) -> list[SearchResult]:
     """Parallel MCTS on one tree per problem, all trees expanded in the same batched sampler calls.
@@ -342,92 +348,91 @@ def search(problems: list[countdown.Problem], sampler, cfg: MCTSConfig | None = 
     """
     cfg = cfg or MCTSConfig()
     _check(cfg)
-    tok = sampler.tokenizer
-    prompts = [countdown.prompt_ids(p, tok) for p in problems]
-    roots = [Node(value=0.0) for _ in problems]  # the root's Q is never compared: it backs up 0
-    counters = ("nodes", "expansions", "collisions", "terminal_backups", "tokens_generated")
-    stats = [dict.fromkeys(counters, 0) for _ in problems]
-    out_of_budget = [False] * len(problems)  # token budget spent: this tree's search is over
-
-    def generate(jobs: list[tuple[int, Node]], max_new_tokens: int, **kw) -> list[list]:
-        """One sampler call for the (tree, node) jobs of all trees, cut to max_total_tokens."""
-        contexts = [prompts[t] + path_tokens(node) for t, node in jobs]
-        outs = sampler.generate(contexts, max_new_tokens=max_new_tokens,
-                                temperature=cfg.temperature, top_p=1.0, **kw)
-        for (t, _), samples in zip(jobs, outs):
-            stats[t]["tokens_generated"] += sum(len(c.tokens) for c in samples)
-        return [[_fit(c, cfg.max_total_tokens - node.length, tok) for c in samples]
-                for (_, node), samples in zip(jobs, outs)]
-
+    trees = [_Tree(p, countdown.prompt_ids(p, sampler.tokenizer)) for p in problems]
     for _ in range(cfg.iterations):  # one round = one selection by every worker of every tree
-        pending: list[tuple[int, list[Node]]] = []  # (tree, path) to expand this round
-        waiting: list[list[Node]] = []  # collided paths: back up once their leaf is expanded
-        for t, root in enumerate(roots):
-            in_round: set[int] = set()
-            committed = stats[t]["tokens_generated"]  # + worst case of this round's expansions
-            for _ in range(cfg.workers):
-                if out_of_budget[t]:
-                    break
-                path = select_leaf(root, cfg)
-                leaf = path[-1]
-                if leaf.terminal:  # nothing to expand: back up its evaluation at once
-                    backup(path, evaluate(leaf, cfg), cfg)
-                    stats[t]["terminal_backups"] += 1
-                elif id(leaf) in in_round:
-                    waiting.append(path)
-                    stats[t]["collisions"] += 1
-                elif not can_expand(committed, cfg):  # token budget spent: search over
-                    _remove_virtual_loss(path, cfg)
-                    out_of_budget[t] = True
-                else:
-                    in_round.add(id(leaf))
-                    pending.append((t, path))
-                    committed += expansion_cost(cfg)
-        if pending:
-            jobs = [(t, path[-1]) for t, path in pending]
-            budget = max(cfg.max_total_tokens - leaf.length for _, leaf in jobs)
-            outs = generate(jobs, min(cfg.max_step_tokens, budget), n=cfg.k,
-                            stop=(STEP_END, ANSWER_CLOSE), want_values=True)
-            for (t, path), completions in zip(pending, outs):
-                expand(path[-1], completions, problems[t], cfg)
-                backup(path, evaluate(path[-1], cfg), cfg)
-                stats[t]["expansions"] += 1
-                stats[t]["nodes"] += len(path[-1].children)
-        for path in waiting:  # the waiting worker backs up the leaf it reached, now expanded
+        to_expand, collided = [], []
+        for tree in trees:  # 1. select (a terminal leaf is evaluated and backed up at once)
+            _select_workers(tree, cfg, to_expand, collided)
+        if to_expand:  # 2. expand: K steps per leaf, for every tree in one sampler call
+            budget = max(cfg.max_total_tokens - path[-1].length for _, path in to_expand)
+            outs = _generate(sampler, [(t, path[-1]) for t, path in to_expand],
+                             min(cfg.max_step_tokens, budget), cfg, n=cfg.k,
+                             stop=(STEP_END, ANSWER_CLOSE), want_values=True)
+            for (tree, path), completions in zip(to_expand, outs):
+                expand(path[-1], completions, tree.problem, cfg)
+                tree.stats["expansions"] += 1
+                tree.stats["nodes"] += len(path[-1].children)
+        # 3. evaluate each expanded leaf (V(s)) and 4. back it up, then each collided worker's
+        for _, path in to_expand + collided:
             backup(path, evaluate(path[-1], cfg), cfg)
-        if all(out_of_budget):
+        if all(tree.out_of_budget for tree in trees):
             break
+    return _results(trees, [greedy_select(tree.root, cfg) for tree in trees], sampler, cfg)
 
-    paths = [greedy_select(root, cfg) for root in roots]
-    # A path that stops at a non-terminal node is finished by one policy rollout to the answer.
-    jobs = [(t, path[-1]) for t, path in enumerate(paths) if not path[-1].terminal]
+
+def _select_workers(tree: _Tree, cfg: MCTSConfig, to_expand: list, collided: list) -> None:
+    """Every worker of one tree selects a leaf (virtual loss spreads them): a terminal leaf is
+    backed up at once, a leaf another worker picked this round waits for that expansion (a
+    collision); new leaves join `to_expand` while the tree's token budget allows."""
+    in_round: set[int] = set()
+    for _ in range(cfg.workers):
+        if tree.out_of_budget:
+            break
+        path = select_leaf(tree.root, cfg)
+        leaf = path[-1]
+        if leaf.terminal:  # nothing to expand: back up its evaluation at once
+            backup(path, evaluate(leaf, cfg), cfg)
+            tree.stats["terminal_backups"] += 1
+        elif id(leaf) in in_round:
+            collided.append((tree, path))
+            tree.stats["collisions"] += 1
+        elif not can_expand(tree.stats["tokens_generated"] + len(in_round) * expansion_cost(cfg),
+                            cfg):  # this round's expansions counted at their worst case
+            _remove_virtual_loss(path, cfg)
+            tree.out_of_budget = True
+        else:
+            in_round.add(id(leaf))
+            to_expand.append((tree, path))
+
+
+def _generate(sampler, jobs: list[tuple[_Tree, Node]], max_new_tokens: int, cfg: MCTSConfig,
+              **kw) -> list[list]:
+    """One sampler call continuing each (tree, node), counted in the tree's tokens and cut to
+    max_total_tokens."""
+    contexts = [tree.prompt_ids + path_tokens(node) for tree, node in jobs]
+    outs = sampler.generate(contexts, max_new_tokens=max_new_tokens, temperature=cfg.temperature,
+                            top_p=1.0, **kw)
+    for (tree, _), samples in zip(jobs, outs):
+        tree.stats["tokens_generated"] += sum(len(c.tokens) for c in samples)
+    return [[_fit(c, cfg.max_total_tokens - node.length, sampler.tokenizer) for c in samples]
+            for (_, node), samples in zip(jobs, outs)]
+
+
+def _results(trees: list[_Tree], paths: list[list[Node]], sampler, cfg: MCTSConfig
+             ) -> list[SearchResult]:
+    """The selected paths as trajectories: a path that stops at a non-terminal node is finished
+    by one policy rollout to the answer (can_expand kept max_total_tokens free for it)."""
+    jobs = [(tree, path[-1]) for tree, path in zip(trees, paths) if not path[-1].terminal]
     rollouts = {}
     if jobs:
-        # can_expand kept max_total_tokens free, so every rollout fits in the tree's budget
         budget = max(cfg.max_total_tokens - node.length for _, node in jobs)
-        outs = generate(jobs, budget, n=1, stop=(ANSWER_CLOSE,), want_values=False)
-        rollouts = {t: samples[0] for (t, _), samples in zip(jobs, outs)}
-
+        outs = _generate(sampler, jobs, budget, cfg, n=1, stop=(ANSWER_CLOSE,), want_values=False)
+        rollouts = {id(tree): samples[0] for (tree, _), samples in zip(jobs, outs)}
     results = []
-    for t, (problem, path) in enumerate(zip(problems, paths)):
-        steps = path[1:]
-        tokens = [x for n in steps for x in n.tokens]
-        logprobs = [x for n in steps for x in n.logprobs]
-        text = "".join(n.text for n in steps)
-        rollout = rollouts.get(t)
-        if rollout is not None:
-            tokens += rollout.tokens
-            logprobs += rollout.logprobs
-            text += rollout.text
-        s = stats[t]
-        s.update(depth=len(steps), max_depth=max(n.depth for n in _nodes(roots[t])),
+    for tree, path in zip(trees, paths):
+        steps, rollout = path[1:], rollouts.get(id(tree))
+        tokens = [x for n in steps for x in n.tokens] + (rollout.tokens if rollout else [])
+        logprobs = [x for n in steps for x in n.logprobs] + (rollout.logprobs if rollout else [])
+        text = "".join(n.text for n in steps) + (rollout.text if rollout else "")
+        s = tree.stats
+        s.update(depth=len(steps), max_depth=max(n.depth for n in _nodes(tree.root)),
                  from_rollout=int(rollout is not None),
                  rollout_tokens=len(rollout.tokens) if rollout is not None else 0,
                  # every selection backs up once: a terminal, a collision or an expansion
                  selections=s["terminal_backups"] + s["collisions"] + s["expansions"])
         results.append(SearchResult(
-            prompt_ids=list(prompts[t]), tokens=tokens, logprobs=logprobs, text=text,
-            reward=countdown.dense_reward(text, problem), stats=s, root=roots[t], path=path))
+            prompt_ids=list(tree.prompt_ids), tokens=tokens, logprobs=logprobs, text=text,
+            reward=countdown.dense_reward(text, tree.problem), stats=s, root=tree.root, path=path))
     return results
 
 
