@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import tyro
@@ -43,6 +44,7 @@ from countdown import (
     prompt_ids,
     sparse_reward,
 )
+from flags import check_flags
 from mcts import MCTSConfig, search_tree_to_dict
 from mcts import search as mcts_search
 
@@ -268,9 +270,9 @@ class Args:
     seed: int = 0  # sampler seed
     data_seed: int = 0  # countdown.make_splits seed: the test split
     out: Path = Path("summary.json")  # JSON summary (and, with --budget-tokens, a budget plot PNG)
-    search: tuple[str, ...] = ("none",)  # with --budget-tokens: any of none, bon, mcts
+    search: tuple[Literal["none", "bon", "mcts"], ...] = ("none",)  # with --budget-tokens
     budget_tokens: tuple[int, ...] = ()  # generated tokens per problem; empty: plain mean@n eval
-    bon_select: str = "vote"  # best-of-N without ground truth: "vote" (majority) or "value" head
+    bon_select: Literal["vote", "value"] = "vote"  # best-of-N without ground truth: majority or value head
     mcts_k: int = 4  # completions per expanded leaf
     mcts_workers: int = 1  # selections per round (1: sequential search, best at small budgets)
     mcts_step_tokens: int = 16  # cap on one step (the tiny model's steps are ~7 tokens)
@@ -280,6 +282,11 @@ class Args:
     #                              report the paired difference checkpoint - baseline with its CI
     threads: int | None = None  # torch threads (default: torch's, one per core); 1 when several
     #                             evals or runs share the cores (oversubscribed, each slows ~5x)
+
+
+FLAG_RULES = {">= 1": ("limit", "n", "max_new_tokens", "batch_size", "mcts_k", "mcts_workers",
+                      "mcts_step_tokens", "threads", "budget_tokens"),
+              "finite >= 0": ("temperature",)}
 
 
 def shipped_start_eval(args: Args, n_problems: int) -> dict | None:
@@ -298,18 +305,7 @@ def shipped_start_eval(args: Args, n_problems: int) -> dict | None:
 def main(args: Args, show: bool = True) -> dict:
     """Evaluate, write args.out; with show, print the summary (train.py's final eval prints its
     own line)."""
-    for method in args.search:
-        if method not in SEARCH_METHODS:
-            raise SystemExit(f"--search must be among {SEARCH_METHODS}, got {method!r}")
-    if args.bon_select not in BON_SELECT:
-        raise SystemExit(f"--bon-select must be one of {BON_SELECT}, got {args.bon_select!r}")
-    for name in ("limit", "n", "max_new_tokens", "batch_size", "mcts_k", "mcts_workers",
-                 "mcts_step_tokens", "threads", *(("budget_tokens",) if args.budget_tokens else ())):
-        value = getattr(args, name)
-        if value is not None and min(value if isinstance(value, tuple) else (value,)) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if not args.temperature >= 0:
-        raise SystemExit(f"--temperature must be >= 0, got {args.temperature}")
+    check_flags("eval.py", vars(args), FLAG_RULES)
     try:  # fail now, not after the eval
         args.out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -96,17 +96,28 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _named_by(pointer: Path) -> Path:
+    """The checkpoint directory a `latest` pointer file names, or a one-line error."""
+    name = pointer.read_text().strip()
+    if not name or not (pointer.parent / name).is_dir():
+        raise SystemExit(f"{pointer} names {name!r}, which is not a checkpoint in {pointer.parent}")
+    return pointer.parent / name
+
+
+def latest_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint a train.py run directory's `checkpoints/latest` names, or a one-line error."""
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        raise SystemExit(f"no checkpoint in {run_dir} (missing {pointer})")
+    return _named_by(pointer)
+
+
 def resolve_checkpoint(path: Path) -> Path:
     """A train.py run directory or its `checkpoints/latest` pointer file -> the checkpoint
     directory it names; any other path unchanged."""
     if path.is_dir() and (path / "checkpoints" / "latest").is_file():
         path = path / "checkpoints" / "latest"
-    if path.is_file() and path.name == "latest":
-        name = path.read_text().strip()
-        if not name or not (path.parent / name).is_dir():
-            raise SystemExit(f"{path} names {name!r}, which is not a checkpoint in {path.parent}")
-        return path.parent / name
-    return path
+    return _named_by(path) if path.is_file() and path.name == "latest" else path
 
 
 def model_checksum(model: str) -> str | None:

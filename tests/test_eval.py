@@ -236,9 +236,9 @@ def test_threads_flag_sets_torch_threads_or_fails_in_one_line(tiny_test_model, t
 
 
 @pytest.mark.parametrize("flags, message", [
-    ({"limit": 0}, "--limit must be >= 1, got 0"), ({"limit": -1}, "--limit must be >= 1, got -1"),
-    ({"n": 0}, "--n must be >= 1, got 0"), ({"budget_tokens": (64, 0)}, "--budget-tokens must be >= 1"),
-    ({"temperature": -0.5}, "--temperature must be >= 0"),
+    ({"limit": 0}, "eval.py: error: --limit must be >= 1, got 0"), ({"limit": -1}, "eval.py: error: --limit must be >= 1, got -1"),
+    ({"n": 0}, "eval.py: error: --n must be >= 1, got 0"), ({"budget_tokens": (64, 0)}, "eval.py: error: --budget-tokens must be >= 1"),
+    ({"temperature": -0.5}, "eval.py: error: --temperature must be a finite number >= 0"),
 ])
 def test_bad_values_are_refused_before_loading_the_model(tmp_path, flags, message):
     # the checkpoint does not exist: a check that ran after loading would report that instead
