@@ -1,15 +1,19 @@
 """What a run logs about itself besides the losses (blog: none; our guards against the failure
 modes seen here): per batch, the items' own numbers (the search's depth, rollouts, terminal
 backups) and the health of the update (entropy, advantage and value spread, completion length,
-sampler/trainer log-prob gap); at each eval, mean@n and, in an mcts run, the search gain."""
+sampler/trainer log-prob gap); at each eval, mean@n and, in an mcts run, the search gain; and
+the warnings a user should see at once (a skipped update, the KL drifting)."""
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
 import countdown
 import eval as evaluation
 import mcts
+from infrastructure import Shared
 from sampler import TorchSampler
 
 
@@ -29,14 +33,13 @@ def batch_format(batch: list[dict], tokenizer) -> tuple[float, str]:
 
 def step_metrics(stats: dict, data: dict, batch: list[dict], tokenizer, step: int
                  ) -> tuple[dict[str, float], str]:
-    """One trainer step's logged numbers, before the mean over ranks: the policy rows' reward and
-    format rate, the losses, policy lag (trainer step minus the weight version that generated a
+    """One trainer step's logged numbers, before the mean over ranks: the rows' reward and format
+    rate, the losses, policy lag (trainer step minus the weight version that generated a
     row), clip share, gradient norm, health, and the items' own numbers -> (those, the first
     malformed completion or "")."""
-    rows = data["policy_rows"]
     format_rate, malformed = batch_format(batch, tokenizer)
-    lag = (step - data["versions"][rows]).float()
-    return {"train_reward": data["rewards"][rows].mean().item(), "train_format_rate": format_rate,
+    lag = (step - data["versions"]).float()
+    return {"train_reward": data["rewards"].mean().item(), "train_format_rate": format_rate,
             **{k: stats[k] for k in ("policy_loss", "value_loss", "kl")},
             "policy_lag": lag.mean().item(), "policy_lag_max": lag.max().item(),
             **{k: stats[k] for k in ("clip_frac", "grad_norm", "skipped_step", *HEALTH)},
@@ -62,23 +65,24 @@ def token_entropies(logits: torch.Tensor, valid: torch.Tensor, elements: int = 1
 
 
 def health_stats(logits, logp, values, advantages, batch: dict) -> dict[str, float]:
-    """What to watch for divergence, on the policy rows' completion tokens: the policy's entropy
+    """What to watch for divergence, on the completion tokens: the policy's entropy
     (nats/token), the advantages' spread, V(s) overall and at the first completion state against
     the rewards it predicts, completion length, and mean |log pi_theta - log pi_old| (policy lag
     plus any sampler/trainer mismatch)."""
-    mask, rows = batch["mask"], batch["policy_rows"]
+    mask = batch["mask"]
     valid = mask > 0
     n = valid.sum().clamp(min=1)
 
     def mean(x):
         return (torch.where(valid, x, 0.0).sum() / n).item()
-    first = valid.float().argmax(dim=1)[rows]  # each policy row's first completion position
+    first = valid.float().argmax(dim=1)  # each row's first completion position
     adv = advantages[valid]
     return {"entropy": (token_entropies(logits, valid).sum() / n).item(),
             "advantage_std": adv.std().item() if adv.numel() > 1 else 0.0,
-            "value_mean": mean(values), "value_start": values[rows, first].mean().item(),
-            "reward_std": batch["rewards"][rows].std().item() if rows.sum() > 1 else 0.0,
-            "completion_len": mask[rows].sum(1).mean().item(),
+            "value_mean": mean(values),
+            "value_start": values[torch.arange(len(first)), first].mean().item(),
+            "reward_std": batch["rewards"].std().item() if len(first) > 1 else 0.0,
+            "completion_len": mask.sum(1).mean().item(),
             "logp_gap": mean((logp - batch["old_logprobs"]).abs())}
 
 
@@ -117,3 +121,27 @@ def eval_row(policy, tokenizer, problems: list, n: int, temperature: float, max_
         row.update(search_gain(smp, problems[:search_problems], search, n=n,
                                max_new_tokens=max_new_tokens, temperature=search.temperature))
     return row
+
+
+def warn(sh: Shared, step: int, message: str) -> None:
+    """A warning the user sees now (stderr) and finds later (events.jsonl)."""
+    print(f"train.py: warning: {message}", file=sys.stderr, flush=True)
+    sh.log_q.put({"event": "warning", "step": step, "message": message})
+
+
+class Alarms:
+    """The trainer's warnings: every skipped update, and the first time the k3 KL to the start
+    model passes `kl_warn` (0: never)."""
+
+    def __init__(self, kl_warn: float):
+        self.kl_warn, self.kl_warned, self.skipped = kl_warn, False, 0
+
+    def check(self, sh: Shared, step: int, skipped_step: float, kl: float) -> None:
+        if skipped_step:
+            self.skipped += 1
+            warn(sh, step, f"non-finite gradient norm at step {step}: update skipped "
+                           f"({self.skipped} skipped so far; lower --lr / --max-grad-norm?)")
+        if self.kl_warn and kl > self.kl_warn and not self.kl_warned:
+            self.kl_warned = True
+            warn(sh, step, f"KL to the start model {kl:.3f} > --kl-warn {self.kl_warn} at step "
+                           f"{step}: the policy is drifting (lower --lr / --max-grad-norm?)")

@@ -54,55 +54,47 @@ def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     return picked - torch.logsumexp(logits, dim=-1)
 
 
-def cispo_weight(logp: Tensor, old_logp: Tensor, eps_high: float = 5.0,
-                 bound: str = "blog") -> Tensor:
-    """sg(min(pi_theta / pi_old, cap)): CISPO's importance weight, capped from above and detached.
+def cispo_weight(logp: Tensor, old_logp: Tensor, eps_high: float = 5.0) -> Tensor:
+    """sg(min(pi_theta / pi_old, eps_high)): CISPO's importance weight, capped from above and detached.
 
     The blog writes min(ratio, epsilon) with epsilon_high = 5.0, i.e. cap = eps_high; this is also
     the blog author's code and TRL's `loss_type="cispo"` (clamp(ratio, max=epsilon_high).detach()).
-    MiniMax-M1 (the CISPO paper, arXiv:2506.13585) clips the weight to 1 + eps_high instead
-    (its lower bound is left off, as in its experiments): bound="minimax".
+    MiniMax-M1 (the CISPO paper, arXiv:2506.13585) clips the weight to 1 + eps_high instead (its
+    lower bound is left off, as in its experiments): the same weight at eps_high + 1.
     """
-    if bound == "blog":
-        cap = eps_high
-    elif bound == "minimax":
-        cap = 1.0 + eps_high
-    else:
-        raise ValueError(f"cispo bound must be 'blog' or 'minimax', got {bound!r}")
-    return torch.exp(logp - old_logp).clamp(max=cap).detach()
-
-
-def _cispo(logp, old_logp, advantages, mask, eps_high, bound, agg="token") -> tuple[Tensor, Tensor]:
-    """(L_cispo, fraction of valid tokens whose weight hit the cap)."""
-    valid = _valid("cispo_loss", mask, logp=logp, old_logp=old_logp, advantages=advantages)
-    logp, old_logp, advantages = (torch.where(valid, x, 0.0) for x in (logp, old_logp, advantages))
-    w = cispo_weight(logp, old_logp, eps_high, bound)
-    capped = (torch.exp(logp - old_logp) > w).float()
-    # Blog: L_cispo = -E[ sg(min(pi_theta/pi_old, eps)) * A_t * log pi_theta(a_t|s_t) ]
-    return -_masked_mean(w * advantages * logp, valid, agg), _masked_mean(capped, valid)
+    return torch.exp(logp - old_logp).clamp(max=eps_high).detach()
 
 
 def cispo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
-               eps_high: float = 5.0, bound: str = "blog", agg: str = "token") -> Tensor:
+               eps_high: float = 5.0, agg: str = "token") -> Tensor:
     """Blog's L_cispo: REINFORCE on log pi weighted by the detached, capped ratio, so no token's
     gradient is ever switched off (unlike PPO's clip); d/d logp_t = -w_t A_t / n_tokens."""
-    return _cispo(logp, old_logp, advantages, mask, eps_high, bound, agg)[0]
-
-
-def _ppo_clip(logp, old_logp, advantages, mask, eps, agg="token") -> tuple[Tensor, Tensor]:
-    """(L_ppo, fraction of valid tokens whose gradient the clip switched off)."""
-    valid = _valid("ppo_clip_loss", mask, logp=logp, old_logp=old_logp, advantages=advantages)
+    valid = _valid("cispo_loss", mask, logp=logp, old_logp=old_logp, advantages=advantages)
     logp, old_logp, advantages = (torch.where(valid, x, 0.0) for x in (logp, old_logp, advantages))
-    ratio = torch.exp(logp - old_logp)
-    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1.0 - eps, 1.0 + eps) * advantages)
-    clipped = ((ratio > 1.0 + eps) & (advantages > 0)) | ((ratio < 1.0 - eps) & (advantages < 0))
-    return -_masked_mean(surrogate, valid, agg), _masked_mean(clipped.float(), valid)
+    w = cispo_weight(logp, old_logp, eps_high)
+    # Blog: L_cispo = -E[ sg(min(pi_theta/pi_old, eps)) * A_t * log pi_theta(a_t|s_t) ]
+    return -_masked_mean(w * advantages * logp, valid, agg)
 
 
 def ppo_clip_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                   eps: float = 0.2, agg: str = "token") -> Tensor:
     """Standard PPO clipped surrogate -E[min(r A, clip(r, 1-eps, 1+eps) A)]: `--loss ppo`."""
-    return _ppo_clip(logp, old_logp, advantages, mask, eps, agg)[0]
+    valid = _valid("ppo_clip_loss", mask, logp=logp, old_logp=old_logp, advantages=advantages)
+    logp, old_logp, advantages = (torch.where(valid, x, 0.0) for x in (logp, old_logp, advantages))
+    ratio = torch.exp(logp - old_logp)
+    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1.0 - eps, 1.0 + eps) * advantages)
+    return -_masked_mean(surrogate, valid, agg)
+
+
+def clip_fraction(ratio: Tensor, advantages: Tensor, valid: Tensor, loss: str, eps_high: float,
+                  eps: float) -> Tensor:
+    """The share of valid tokens the policy loss held back: CISPO's weight at its cap, or PPO's
+    clip switching the gradient off."""
+    if loss == "cispo":
+        held = ratio > eps_high
+    else:
+        held = ((ratio > 1.0 + eps) & (advantages > 0)) | ((ratio < 1.0 - eps) & (advantages < 0))
+    return _masked_mean(held.float(), valid)
 
 
 def value_loss(values: Tensor, returns: Tensor, mask: Tensor, agg: str = "token") -> Tensor:
@@ -136,23 +128,18 @@ def mcts_advantages(rewards: Tensor, values: Tensor, mask: Tensor) -> Tensor:
     return torch.where(valid, rewards[:, None] - values.detach(), 0.0)
 
 
-def group_advantages(rewards: Tensor, normalize_std: bool = False, eps: float = 1e-6) -> Tensor:
+def group_advantages(rewards: Tensor) -> Tensor:
     """CISPO baseline's group-relative advantage: reward minus its group's mean, [n_groups, G].
 
-    Default mean-only (Dr. GRPO): dividing by the group std up-weights groups whose rewards barely
-    differ (near-all-right or near-all-wrong prompts) and keeps the scale of A comparable to the
-    MCTS advantage r - V. normalize_std=True gives GRPO's (r - mean) / (std + eps), sample std.
+    Mean-only (Dr. GRPO), not GRPO's (r - mean) / std: dividing by the group std up-weights groups
+    whose rewards barely differ (near-all-right or near-all-wrong prompts), and without it the
+    scale of A stays comparable to the MCTS advantage r - V.
     """
     if rewards.dim() != 2:
         raise ValueError(
             f"group_advantages: rewards must be [n_groups, G], got {tuple(rewards.shape)}"
         )
-    centred = rewards - rewards.mean(dim=1, keepdim=True)
-    if not normalize_std:
-        return centred
-    if rewards.shape[1] < 2:
-        raise ValueError("group_advantages: normalize_std needs a group size of at least 2")
-    return centred / (rewards.std(dim=1, keepdim=True) + eps)
+    return rewards - rewards.mean(dim=1, keepdim=True)
 
 
 def leave_one_out_advantages(rewards: list[float]) -> list[float]:
@@ -202,21 +189,18 @@ def tree_step_advantages(paths: list[list], rewards: list[float]) -> list[list[f
 def total_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, values: Tensor,
                rewards: Tensor, advantages: Tensor, mask: Tensor, c_ppo: float = 1.0,
                c_value: float = 1.0, c_kl: float = 0.05, loss: str = "cispo",
-               eps_high: float = 5.0, bound: str = "blog", eps: float = 0.2,
-               value_mask: Tensor | None = None, agg: str = "token",
+               eps_high: float = 5.0, eps: float = 0.2, agg: str = "token",
                ) -> tuple[Tensor, dict[str, float]]:
     """Blog's L_total = c_ppo L_policy + c_value L_value + c_KL D_KL, plus scalars for logging.
 
     advantages are per token [B,T] (mcts_advantages, or group_advantages broadcast over tokens);
-    rewards [B] are the value targets; ref_logp=None drops the KL term (needs c_kl == 0);
-    value_mask (default: mask) selects the value loss's tokens, which may include rows that
-    carry no policy loss (other answers of a search tree as value targets).
+    rewards [B] are the value targets; ref_logp=None drops the KL term (needs c_kl == 0).
     Defaults are the blog's table (c_ppo 1.0, c_value 1.0, c_KL 0.05, CISPO epsilon_high 5.0).
     """
     if loss == "cispo":
-        policy, clip_frac = _cispo(logp, old_logp, advantages, mask, eps_high, bound, agg)
+        policy = cispo_loss(logp, old_logp, advantages, mask, eps_high, agg)
     elif loss == "ppo":
-        policy, clip_frac = _ppo_clip(logp, old_logp, advantages, mask, eps, agg)
+        policy = ppo_clip_loss(logp, old_logp, advantages, mask, eps, agg)
     else:
         raise ValueError(f"total_loss: loss must be 'cispo' or 'ppo', got {loss!r}")
     if ref_logp is None:
@@ -225,17 +209,17 @@ def total_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, values: 
         kl = policy.new_zeros(())
     else:
         kl = kl_k3(logp, ref_logp, mask, agg)
-    v_loss = value_loss(values, rewards, mask if value_mask is None else value_mask, agg)
+    v_loss = value_loss(values, rewards, mask, agg)
     total = c_ppo * policy + c_value * v_loss + c_kl * kl
     valid = mask > 0
-    log_ratio = torch.where(valid, logp.detach() - old_logp, 0.0)
+    ratio = torch.exp(torch.where(valid, logp.detach() - old_logp, 0.0))
     stats = {
         "total_loss": total.item(),
         "policy_loss": policy.item(),
         "value_loss": v_loss.item(),
         "kl": kl.item(),
-        "clip_frac": clip_frac.item(),
-        "ratio_mean": _masked_mean(torch.exp(log_ratio), valid).item(),
+        "clip_frac": clip_fraction(ratio, advantages.detach(), valid, loss, eps_high, eps).item(),
+        "ratio_mean": _masked_mean(ratio, valid).item(),
         "advantage_mean": _masked_mean(advantages.detach(), valid).item(),
         "n_tokens": float(valid.sum().item()),
     }

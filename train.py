@@ -1,8 +1,9 @@
 """Online distillation of tree search into the policy: the blog's "Training" and "Baselines"
 sections, top to bottom: the flags (`Args`, `--preset blog`), the trajectory producers (one per
 method), `collate` and `train_step` (shared by all six methods), the generator and trainer
-loops, and `run`. The processes, queues, weight publishing, checkpoints and supervision (the
-blog's "Infrastructure", Rust + gRPC + Redis there) are in infrastructure.py.
+loops, and `run`. The blog's "Infrastructure" (Rust + gRPC + Redis there) is plumbing a reader
+may skip: shared weights, the trajectory queue and DDP in infrastructure.py, the run directory
+and checkpoints in rundir.py, the processes' supervision in supervise.py.
 
 Process layout (spawn context):
   main        builds the model and data, owns the shared weights buffer, spawns the children,
@@ -38,10 +39,13 @@ import eval as evaluation
 import infrastructure as infra
 import losses
 import mcts
+import rundir
 import sampler as sampler_lib
+import supervise
 import tiny
 import treepo
 import treerl
+from flags import check_flags
 from infrastructure import Shared
 from value_head import PolicyWithValue, load_policy, machine, model_checksum
 
@@ -63,7 +67,6 @@ class Args:
     cispo_groups: int = 2  # prompts per step for cispo/treepo/treerl, each x group_size (blog: 128)
     group_size: int = 16
     """samples per prompt of a CISPO group (blog: 16); also TreePO's tree width w"""
-    normalize_std: bool = False  # CISPO: divide by the group std (GRPO), not only centre (Dr. GRPO)
     bon_n: int = 64  # best-of-N: samples per prompt, the best by dense reward trained on (blog: 64)
     prompts_per_call: int = 4  # prompts per batched call (MCTS trees, CISPO groups, BoN prompts)
     treepo_segment_len: int = 16  # TreePO: tokens per segment L (paper: 512)
@@ -79,14 +82,14 @@ class Args:
     """MCTS iterations per worker, M (blog: 100): a tree gets mcts_workers x M selections in M
     batched rounds, and an answer at depth d needs M >= d + 1 rounds (mcts.py)"""
     mcts_k: int = 4  # completions per expanded leaf, K (blog: 4)
-    c_puct: float = 2.0  # pUCT exploration (blog: 0.5; at our M, 2.0 selects and distils better)
+    c_puct: float = 2.0  # pUCT exploration (blog: 0.5; at our small M the prior needs more weight: mcts.py)
     mcts_virtual_value: float = -1.0  # virtual visit's value: -1 virtual loss, 0 visits only (blog)
     mcts_max_tree_tokens: int = 0  # MCTS tokens per tree, search + rollout (0: M bounds)
     mcts_select: Literal["visits", "q", "best_reward"] = "visits"
     """greedy selection after search: most-visited child (blog), highest Q, or best terminal reward"""
     mcts_baseline: Literal["value", "tree"] = "tree"
-    """A = r - sg(V(s_t)) (blog; learns ~nothing here: README), or r - mean reward of the tree's
-    answers (default: the selection's advantage over the search's own answers, no extra sampling)"""
+    """A = r - sg(V(s_t)) (blog; why it is not the default: README), or r - mean reward of the
+    tree's answers (default: the selection's advantage over the search's own answers)"""
     mcts_distill: Literal["path", "whole"] = "path"
     """what the search teaches: the selected trajectory (blog), or every distinct answer in the
     tree with tree-relative advantages (whole-tree distillation, `whole_tree_trajectories`)"""
@@ -94,7 +97,6 @@ class Args:
     """whole tree: an answer's reward minus the mean of the tree's other answers on all its tokens
     (leaf), TreeRL's per-step credit from subtree means (step), or the visited answers weighted
     by their visit counts against the tree's mean reward (visits)"""
-    mcts_value_targets: Literal["path", "tree"] = "path"  # value targets: path (blog), all answers
     kl_warn: float = 0.1  # warn once when the k3 KL to the start model passes this (0: never)
     search_gain_problems: int = 16
     """mcts: at each eval, the search gain on this many eval problems (vs eval_n samples; 0: off)"""
@@ -103,18 +105,17 @@ class Args:
     max_step_tokens: int = 32  # token cap of one reasoning step (one MCTS expansion, up to </step>)
     sync_every: int = 8  # publish weights to the generators every this many steps (blog: 8)
     loss: Literal["cispo", "ppo"] = "cispo"  # policy loss: CISPO (blog) or PPO clipped surrogate
-    eps_high: float = 5.0  # CISPO epsilon_high: cap of the detached importance weight (blog: 5.0)
-    cispo_bound: Literal["blog", "minimax"] = "blog"
-    """CISPO cap reading: min(ratio, eps_high) (blog) or min(ratio, 1 + eps_high) (MiniMax-M1)"""
+    eps_high: float = 5.0
+    """CISPO epsilon_high: cap of the detached importance weight (blog: 5.0; MiniMax-M1 caps at
+    1 + eps_high: pass 6.0 for its reading)"""
     c_ppo: float = 1.0  # policy loss weight c_ppo (blog: 1.0)
     c_value: float = 1.0  # value loss weight c_value (blog: 1.0)
     c_kl: float = 0.05  # k3 KL(pi_theta || pi_ref) weight c_KL (blog: 0.05)
-    lr: float = 5e-6  # AdamW lr (author's code: 5e-6; at 3e-5 the KL drifted: figures/README.md)
+    lr: float = 5e-6  # AdamW lr (blog author's code: 5e-6; larger drifts the KL: figures/README.md)
     lr_schedule: Literal["constant", "linear"] = "constant"
     """constant, or linear decay to 0 at --steps (blog author's code: linear, no warm-up)"""
     loss_agg: Literal["token", "sequence"] = "token"
     """loss mean over the batch's tokens, or per sequence then over sequences (blog author's code)"""
-    weight_decay: float = 0.0  # AdamW weight decay
     max_grad_norm: float = 0.1  # gradient norm clipping (blog author's code: 0.1)
     steps: int = 100000  # optimizer steps (the CPU default is bounded by --time-limit-min instead)
     time_limit_min: float = 12.0  # stop after this many minutes: eval, checkpoint (0: no limit)
@@ -183,7 +184,7 @@ FLAG_RULES = {  # checked first by check_args, one clear line for the first flag
              "prompts_per_call", "mcts_workers", "mcts_iterations", "mcts_k", "max_new_tokens",
              "max_step_tokens", "sync_every", "steps", "eval_problems", "eval_n",
              "checkpoint_every", "torch_threads"),
-    "finite >= 0": ("lr", "weight_decay", "c_ppo", "c_value", "c_kl", "temperature",
+    "finite >= 0": ("lr", "c_ppo", "c_value", "c_kl", "temperature",
                     "eval_temperature", "time_limit_min", "kl_warn"),
     "finite > 0": ("max_grad_norm", "eps_high", "stall_timeout_s"),
     ">= 0": ("eval_every", "search_gain_problems"),
@@ -194,7 +195,7 @@ def check_args(args: Args) -> None:
     """Fail fast with one clear line on invalid values and combinations."""
     def fail(msg: str):
         raise SystemExit(f"train.py: error: {msg}")
-    infra.check_flags("train.py", asdict(args), FLAG_RULES)
+    check_flags("train.py", asdict(args), FLAG_RULES)
     if args.method == "cispo" and args.group_size < 2:
         fail("--method cispo needs --group-size >= 2 (advantages are relative to the group)")
     if traj_per_step(args) % args.n_trainers:
@@ -222,13 +223,11 @@ def check_args(args: Args) -> None:
 
 
 def trajectory(prompt_ids, tokens, logprobs, reward: float, advantage: float | list[float] | None,
-               version: int, info: dict[str, float] | None = None,
-               value_paths: list[tuple[list[int], float]] = ()) -> dict:
+               version: int, info: dict[str, float] | None = None) -> dict:
     """One training item. `advantage` is one number for every token (CISPO, TreePO, SFT, MCTS with
     --mcts-baseline tree), a per-token list (TreeRL's step advantages), or None (MCTS, BoN): the
     trainer computes theirs, r - sg(V(s_t)), from its own forward (`advantages`).
-    `info`: numbers logged as batch means (the search's own metrics); `value_paths`: other
-    completions of the same prompt with their rewards, trained by the value loss only."""
+    `info`: numbers logged as batch means (the search's own metrics)."""
     if not isinstance(advantage, (list, tuple)):
         advantage = [0.0 if advantage is None else advantage] * len(tokens)
     return {
@@ -239,7 +238,6 @@ def trajectory(prompt_ids, tokens, logprobs, reward: float, advantage: float | l
         "advantages": torch.tensor(advantage, dtype=torch.float32),
         "version": torch.tensor(version, dtype=torch.int64),
         "info": {k: float(v) for k, v in (info or {}).items()},
-        "value_paths": [(torch.tensor(t, dtype=torch.int64), float(r)) for t, r in value_paths],
     }
 
 
@@ -271,10 +269,8 @@ def mcts_trajectories(problems, sampler, args: Args, version: int) -> list[dict]
         advantage = None  # blog: r - sg(V(s_t)), computed by the trainer
         if args.mcts_baseline == "tree":  # r - mean reward of every answer the search produced
             advantage = r.reward - sum([r.reward] + [n.reward for n in answers]) / (1 + len(answers))
-        value_paths = ([(mcts.path_tokens(n), n.reward) for n in answers]
-                       if args.mcts_value_targets == "tree" else [])
         trajs.append(trajectory(r.prompt_ids, r.tokens, r.logprobs, r.reward, advantage, version,
-                                search_info(r), value_paths))
+                                search_info(r)))
     return trajs
 
 
@@ -312,7 +308,7 @@ def cispo_trajectories(problems, sampler, args: Args, version: int) -> list[dict
                             temperature=args.temperature, stop=(countdown.ANSWER_CLOSE,))
     rewards = torch.tensor([[countdown.dense_reward(c.text, p) for c in group]
                             for p, group in zip(problems, outs, strict=True)])
-    adv = losses.group_advantages(rewards, normalize_std=args.normalize_std)
+    adv = losses.group_advantages(rewards)
     return [trajectory(ids, c.tokens, c.logprobs, rewards[i, j].item(), adv[i, j].item(), version)
             for i, (ids, group) in enumerate(zip(prompts, outs)) for j, c in enumerate(group)]
 
@@ -390,7 +386,7 @@ def generator(args: Args, sh: Shared, g: int, train: list) -> None:
     tokens_before = sh.gen_tokens[g]
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
     version = -1
-    while not sh.stop.is_set():
+    while not sh.exit_now.is_set():
         if sh.version.value != version:  # blog: generators pick up weights published by trainers
             version = infra.pull_weights(sh, g, smp, pos)
         t0 = time.perf_counter()
@@ -406,28 +402,21 @@ def generator(args: Args, sh: Shared, g: int, train: list) -> None:
 
 def collate(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad prompt+completion; the loss mask covers the completion tokens, shifted by one so
-    position t holds the distribution over token t+1 (and V(s_t) of the state before it).
-    The items' value paths follow as extra rows in value_mask only (no policy loss, no KL)."""
-    rows = [(b["prompt_ids"], b["tokens"], b["reward"], True, b) for b in batch]
-    rows += [(b["prompt_ids"], tokens, torch.tensor(r), False, b)
-             for b in batch for tokens, r in b["value_paths"]]
-    B, L = len(rows), max(len(p) + len(t) for p, t, *_ in rows)
+    position t holds the distribution over token t+1 (and V(s_t) of the state before it)."""
+    B, L = len(batch), max(len(b["prompt_ids"]) + len(b["tokens"]) for b in batch)
     ids = torch.full((B, L), pad_id, dtype=torch.int64)
     attn = torch.zeros(B, L, dtype=torch.int64)
-    mask, value_mask, old, adv = (torch.zeros(B, L - 1) for _ in range(4))
-    for i, (prompt, tokens, _, policy_row, b) in enumerate(rows):
-        P, T = len(prompt), len(tokens)
-        ids[i, :P + T] = torch.cat([prompt, tokens])
+    mask, old, adv = (torch.zeros(B, L - 1) for _ in range(3))
+    for i, b in enumerate(batch):
+        P, T = len(b["prompt_ids"]), len(b["tokens"])
+        ids[i, :P + T] = torch.cat([b["prompt_ids"], b["tokens"]])
         attn[i, :P + T] = 1
-        value_mask[i, P - 1:P - 1 + T] = 1.0
-        if policy_row:
-            mask[i, P - 1:P - 1 + T] = 1.0
-            old[i, P - 1:P - 1 + T] = b["old_logprobs"]
-            adv[i, P - 1:P - 1 + T] = b["advantages"]
-    return {"input_ids": ids, "attention_mask": attn, "mask": mask, "value_mask": value_mask,
-            "old_logprobs": old, "rewards": torch.stack([r for _, _, r, *_ in rows]),
-            "advantages": adv, "policy_rows": torch.tensor([p for *_, p, _ in rows]),
-            "versions": torch.stack([b["version"] for *_, b in rows])}
+        mask[i, P - 1:P - 1 + T] = 1.0
+        old[i, P - 1:P - 1 + T] = b["old_logprobs"]
+        adv[i, P - 1:P - 1 + T] = b["advantages"]
+    return {"input_ids": ids, "attention_mask": attn, "mask": mask, "old_logprobs": old,
+            "rewards": torch.stack([b["reward"] for b in batch]), "advantages": adv,
+            "versions": torch.stack([b["version"] for b in batch])}
 
 
 def lr_at(step: int, args: Args) -> float:
@@ -461,8 +450,7 @@ def train_step(model, ref: PolicyWithValue | None, opt, batch: dict, args: Args)
     loss, stats = losses.total_loss(
         logp, batch["old_logprobs"], ref_logp, values, batch["rewards"], per_token, mask,
         c_ppo=args.c_ppo, c_value=args.c_value, c_kl=args.c_kl if ref is not None else 0.0,
-        loss=args.loss, eps_high=args.eps_high, bound=args.cispo_bound,
-        value_mask=batch["value_mask"], agg=args.loss_agg)
+        loss=args.loss, eps_high=args.eps_high, agg=args.loss_agg)
     with torch.no_grad():
         stats.update(diagnostics.health_stats(logits[:, :-1], logp, values, per_token, batch))
     if not math.isfinite(stats["total_loss"]):
@@ -480,9 +468,79 @@ def train_step(model, ref: PolicyWithValue | None, opt, batch: dict, args: Args)
     return stats
 
 
+def make_optimizer(policy: torch.nn.Module, args: Args) -> torch.optim.AdamW:
+    """AdamW at --lr without weight decay (torch's default is 0.01): the KL term, not decay,
+    holds the policy near its start."""
+    return torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+
+
+class RankZero:
+    """Rank 0's chores around the shared step: warn, publish weights, evaluate, log, checkpoint,
+    and decide when the run ends (--time-limit-min, or a signal's request to stop)."""
+
+    def __init__(self, args: Args, sh: Shared, policy, tokenizer, opt, test: list,
+                 t_start: float, wall0: float, saved: int):
+        self.args, self.sh, self.policy, self.tokenizer, self.opt = args, sh, policy, tokenizer, opt
+        self.test, self.t_start, self.wall0 = test, t_start, wall0
+        self.saved = saved  # the last step checkpointed (-1: none)
+        self.alarms = diagnostics.Alarms(args.kl_warn)
+
+    def wall(self) -> float:
+        """Training seconds, a resumed run's earlier ones included."""
+        return self.wall0 + time.time() - self.t_start
+
+    def should_stop(self) -> bool:
+        return (self.sh.save_and_exit.is_set()
+                or 0 < self.args.time_limit_min * 60 <= time.time() - self.t_start)
+
+    def evaluate(self) -> dict:
+        """mean@16 (and an mcts run's search gain) on the eval problems."""
+        a = self.args
+        return diagnostics.eval_row(self.policy, self.tokenizer, self.test, a.eval_n,
+                                    a.eval_temperature, a.max_new_tokens, a.seed,
+                                    search=mcts_config(a) if a.method == "mcts" else None,
+                                    search_problems=a.search_gain_problems)
+
+    def log_start(self, step: int) -> None:
+        """mean@16 "before": no trajectory trained on yet."""
+        self.sh.log_q.put({"row": {"step": step, "wall_time": self.wall(), "generated_tokens": 0,
+                                   **self.evaluate()}})
+
+    def checkpoint(self, step: int) -> None:
+        """Once main has written this step's row (rundir.checkpoint_step)."""
+        state = rundir.trainer_state(step, self.opt, self.wall(), self.args.n_generators)
+        if rundir.checkpoint_step(self.sh, Path(self.args.out), self.policy, self.tokenizer, state):
+            self.saved = step
+
+    def after_step(self, step: int, row: dict, skipped_step: float, last: bool) -> None:
+        """Warn, publish every sync_every steps, log the row (with an eval every eval_every steps
+        and at the end), checkpoint every checkpoint_every steps and at the end."""
+        a, sh = self.args, self.sh
+        self.alarms.check(sh, step, skipped_step, row["kl"])
+        if step % a.sync_every == 0:
+            infra.publish_weights(sh, self.policy, step)
+        row.update(step=step, wall_time=self.wall(), skipped_steps=self.alarms.skipped,
+                   lr=self.opt.param_groups[0]["lr"], **infra.generator_stats(sh))
+        if not sh.save_and_exit.is_set() and (last or (a.eval_every and step % a.eval_every == 0)):
+            row.update(self.evaluate())  # (a signal's stop skips it: checkpoint first)
+        sh.log_q.put({"row": row})
+        if last or step % a.checkpoint_every == 0:
+            self.checkpoint(step)
+
+    def stopped_waiting(self, step: int) -> None:
+        """The run ends while waiting for trajectories: say why, checkpoint, report done."""
+        if not self.sh.save_and_exit.is_set():
+            diagnostics.warn(self.sh, step, "time limit reached while waiting for trajectories: "
+                                            "stopped without the final eval")
+        if self.saved != step:
+            self.checkpoint(step)
+        self.sh.log_q.put({"done": step})
+
+
 def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_start: float,
             test: list) -> None:
-    """DDP trainer: rank 0 also publishes weights, evaluates, logs and checkpoints."""
+    """DDP trainer, nanoGPT's loop: get a batch, forward, backward, step; rank 0 also publishes
+    weights, evaluates, logs and checkpoints (`RankZero`)."""
     device = infra.device_for(args.n_generators + rank)
     infra.init_process_group(device, rank, args.n_trainers, port)  # nccl on GPU, gloo on CPU
     policy, tokenizer = load_policy(args.model)
@@ -492,75 +550,39 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
     policy.to(device)
     model = torch.nn.parallel.DistributedDataParallel(
         policy, device_ids=[device.index] if device.type == "cuda" else None)
-    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    step, wall0 = infra.restore_trainer(resume_ckpt, opt)  # 0, 0.0 for a fresh run
+    opt = make_optimizer(policy, args)
+    step, wall0 = rundir.restore_trainer(resume_ckpt, opt)  # 0, 0.0 for a fresh run
     torch.manual_seed(args.seed + 1000 * rank + step)
     per_rank = traj_per_step(args) // args.n_trainers
-
-    def wall() -> float:
-        return wall0 + time.time() - t_start
-
-    def evaluate() -> dict:  # mean@16 (and an mcts run's search gain) on the eval problems
-        return diagnostics.eval_row(policy, tokenizer, test, args.eval_n, args.eval_temperature,
-                                    args.max_new_tokens, args.seed, search=mcts_config(args)
-                                    if args.method == "mcts" else None,
-                                    search_problems=args.search_gain_problems)
-
-    def time_up() -> bool:
-        return 0 < args.time_limit_min * 60 <= time.time() - t_start
-
-    saved = step if resume_ckpt else -1
-
-    def checkpoint() -> None:  # after main has written this step's row (infra.checkpoint)
-        nonlocal saved
-        if infra.checkpoint(sh, Path(args.out), policy, tokenizer, {
-                "step": step, "optimizer": opt.state_dict(), "wall_time": wall(),
-                "rng": {"torch": torch.get_rng_state()}, "n_generators": args.n_generators}):
-            saved = step
-
-    if rank == 0 and not resume_ckpt:  # mean@16 "before": no trajectory trained on yet
-        sh.log_q.put({"row": {"step": step, "wall_time": wall(), "generated_tokens": 0,
-                              **evaluate()}})
-    last, alarms = False, infra.Alarms(args.kl_warn)
-    while not last:
+    lead = (RankZero(args, sh, policy, tokenizer, opt, test, t_start, wall0,
+                     saved=step if resume_ckpt else -1) if rank == 0 else None)
+    if lead is not None and not resume_ckpt:
+        lead.log_start(step)
+    while True:
         # rank 0 honours the time limit and a stop request even when no step completes
-        give_up = (lambda: sh.finish.is_set() or time_up()) if rank == 0 else None
-        batch = infra.next_batch(sh, per_rank, give_up)
-        if batch is None:  # main asked us to stop, or (rank 0) time is up or a signal came
-            if not sh.stop.is_set():
-                if not sh.finish.is_set():
-                    infra.warn(sh, step, "time limit reached while waiting for trajectories: "
-                                         "stopped without the final eval")
-                if saved != step:
-                    checkpoint()
-                sh.log_q.put({"done": step})
+        batch = infra.next_batch(sh, per_rank, give_up=lead.should_stop if lead else None)
+        if batch is None:  # main stopped the run, or (rank 0) time is up or a signal came
+            if lead is not None and not sh.exit_now.is_set():
+                lead.stopped_waiting(step)
             return
         data = {k: v.to(device) for k, v in collate(batch, tokenizer.pad_token_id).items()}
         for group in opt.param_groups:  # derived from the step: a resumed run continues it
             group["lr"] = lr_at(step, args)
         stats = train_step(model, ref, opt, data, args)
         logged, malformed = diagnostics.step_metrics(stats, data, batch, tokenizer, step)
-        if rank == 0 and malformed and step % 10 == 0:  # what malformed answers look like
+        if lead is not None and malformed and step % 10 == 0:  # what malformed answers look like
             sh.log_q.put({"event": "malformed", "step": step, "text": malformed[-300:]})
         row = infra.global_means(logged, device)
         step += 1
         # rank 0's clock (and a stop request) decides the end, for every rank
-        stopping = infra.any_rank(rank == 0 and (time_up() or sh.finish.is_set()), device)
-        last = step == args.steps or stopping
+        stop = infra.any_rank(lead is not None and lead.should_stop(), device)
+        last = step == args.steps or stop
         infra.log_checksum(sh, rank, step, policy)  # tests: DDP keeps the ranks' weights identical
-        if rank != 0:
-            continue
-        alarms.check(sh, step, stats["skipped_step"], row["kl"])
-        if step % args.sync_every == 0:
-            infra.publish_weights(sh, policy, step)
-        row.update(step=step, wall_time=wall(), skipped_steps=alarms.skipped,
-                   lr=opt.param_groups[0]["lr"], **infra.generator_stats(sh))
-        if not sh.finish.is_set() and (last or (args.eval_every and step % args.eval_every == 0)):
-            row.update(evaluate())  # (a signal's stop skips it: checkpoint first)
-        sh.log_q.put({"row": row})
-        if last or step % args.checkpoint_every == 0:
-            checkpoint()
-    if rank == 0:
+        if lead is not None:
+            lead.after_step(step, row, stats["skipped_step"], last)
+        if last:
+            break
+    if lead is not None:
         sh.log_q.put({"done": step})
 
 
@@ -576,7 +598,7 @@ def run(args: Args) -> int:
         return 0
     transformers.utils.logging.disable_progress_bar()
     out, G = Path(args.out), args.n_generators
-    state, ckpt = infra.check_run_dir(out, asdict(args), bool(args.resume), args.overwrite,
+    state, ckpt = rundir.check_run_dir(out, asdict(args), bool(args.resume), args.overwrite,
                                       same=("method", "model", "n_generators"))
     model = tiny.resolve_model(args.model)  # --model tiny: built on first use (minutes, once)
     try:
@@ -587,7 +609,7 @@ def run(args: Args) -> int:
     args = replace(args, backend=sampler_lib.choose_backend(args.backend, policy))  # "auto"
     # which start model on which CPU: the tiny default is rebuilt per box, and rounding differs
     provenance = {"start_checksum": model_checksum(model), "machine": machine()}
-    infra.claim_run_dir(out, asdict(args) | provenance, resumed_step, args.overwrite)
+    rundir.claim_run_dir(out, asdict(args) | provenance, resumed_step, args.overwrite)
     args = replace(args, model=model)  # config.json keeps "tiny"; the children load the directory
     sh = infra.make_shared(policy, state, G, n_children=G + args.n_trainers,
                            queue_size=2 * traj_per_step(args))
@@ -598,12 +620,12 @@ def run(args: Args) -> int:
     children |= {f"trainer-{r}": (trainer, (args, sh, r, port, str(ckpt or ""), t_start,
                                             test[:args.eval_problems]))
                  for r in range(args.n_trainers)}
-    rc = infra.supervise(children, sh, out, t_start, threads=args.torch_threads,
-                         desc=f"{args.method} training", time_limit_s=args.time_limit_min * 60,
-                         steps=args.steps, start_step=resumed_step or 0, eval_n=args.eval_n,
-                         stall_timeout_s=args.stall_timeout_s)
+    rc = supervise.supervise(children, sh, out, t_start, threads=args.torch_threads,
+                              desc=f"{args.method} training", time_limit_s=args.time_limit_min * 60,
+                              steps=args.steps, start_step=resumed_step or 0,
+                              eval_n=args.eval_n, stall_timeout_s=args.stall_timeout_s)
     if rc == 0:
-        infra.print_summary(out, args.eval_n, args.eval_problems)
+        rundir.print_summary(out, args.eval_n, args.eval_problems)
         if args.final_eval:  # paired with the start's shipped eval when the start is tiny's
             evaluation.final_eval(out, "tiny" if Path(args.model) == tiny.SHIPPED else None,
                                   args.backend)

@@ -130,7 +130,7 @@ def measure_train_step(policy: PolicyWithValue, tokenizer, prompts: list[list[in
     data = {k: v.to(device) for k, v in train.collate(trajs, tokenizer.pad_token_id).items()}
     reset_peak_memory(device)
     ref = copy.deepcopy(policy).requires_grad_(False) if args.c_kl else None
-    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    opt = train.make_optimizer(policy, args)
     seconds, losses = [], []
     for _ in range(steps):
         t = time.perf_counter()

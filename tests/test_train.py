@@ -22,7 +22,9 @@ import countdown
 import diagnostics
 import infrastructure as infra
 import mcts
+import rundir
 import train
+from value_head import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,7 +51,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def trainer_state(run_dir: Path) -> dict:
-    return infra.load_trainer_state(infra.latest_checkpoint(run_dir))
+    return rundir.load_trainer_state(latest_checkpoint(run_dir))
 
 
 TRAIN_FIELDS = {"step", "wall_time", "generated_tokens", "train_reward", "policy_loss",
@@ -74,13 +76,13 @@ def check_run(run_dir: Path, model: str, steps: int, method: str,
     assert config["method"] == method and config["seed"] == 0
 
     # weights changed: the final checkpoint differs from the starting model, LM and value head
-    ckpt = infra.latest_checkpoint(run_dir)
+    ckpt = latest_checkpoint(run_dir)
     assert ckpt.name == f"step-{steps:06d}"
     for name in ("model.safetensors", "value_head.safetensors"):
         before, after = load_file(Path(model) / name), load_file(ckpt / name)
         assert before.keys() == after.keys()
         assert any(not torch.equal(before[k], after[k]) for k in before), name
-    state = infra.load_trainer_state(ckpt)
+    state = rundir.load_trainer_state(ckpt)
     assert state["step"] == steps
     assert {float(s["step"]) for s in state["optimizer"]["state"].values()} == {float(steps)}
 
@@ -117,8 +119,6 @@ def test_collate_aligns_completion_tokens_by_hand():
     assert out["versions"].tolist() == [3, 4] and out["rewards"].tolist() == [1.0, -1.0]
     # advantages sit on the same positions as the mask, 0 on prompt and padding
     assert out["advantages"].tolist() == [[0, 0, -7, -8], [0.25, 0.5, 0.75, 0]]
-    assert out["value_mask"].tolist() == out["mask"].tolist()
-    assert out["policy_rows"].tolist() == [True, True]
 
 
 def test_advantages_by_method_by_hand():
@@ -136,20 +136,9 @@ def test_advantages_by_method_by_hand():
         assert train.advantages(args, batch, values).tolist() == [[0, 2, 3], [4, 5, 0]]
 
 
-def test_collate_puts_value_paths_in_the_value_mask_only():
-    a = train.trajectory([5, 6], [8, 9], [-0.5, -1.5], 1.0, 0.5, 3, info={"search_depth": 2},
-                         value_paths=[([7], -0.25), ([4, 3, 2], 0.0)])
+def test_batch_info_is_the_mean_of_the_items_numbers():
+    a = train.trajectory([5, 6], [8, 9], [-0.5, -1.5], 1.0, 0.5, 3, info={"search_depth": 2})
     b = train.trajectory([5], [4], [-1.0], -1.0, 0.0, 4, info={"search_depth": 4})
-    out = train.collate([a, b], pad_id=0)
-    # rows: a, b, then a's value paths 5 6 | 7 and 5 6 | 4 3 2
-    assert out["input_ids"].tolist() == [[5, 6, 8, 9, 0], [5, 4, 0, 0, 0], [5, 6, 7, 0, 0],
-                                         [5, 6, 4, 3, 2]]
-    assert out["mask"].tolist() == [[0, 1, 1, 0], [1, 0, 0, 0], [0] * 4, [0] * 4]
-    assert out["value_mask"].tolist() == [[0, 1, 1, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 1, 1, 1]]
-    assert out["rewards"].tolist() == [1.0, -1.0, -0.25, 0.0]
-    assert out["policy_rows"].tolist() == [True, True, False, False]
-    assert out["advantages"][2:].abs().sum() == 0 and out["old_logprobs"][2:].abs().sum() == 0
-    assert out["versions"].tolist() == [3, 4, 3, 3]
     assert diagnostics.batch_info([a, b]) == {"search_depth": 3.0}
 
 
@@ -166,32 +155,30 @@ def two_answers(done, stop):
     return hand_script(done, stop)
 
 
-def test_mcts_producer_tree_baseline_value_paths_and_search_metrics():
+def test_mcts_producer_tree_baseline_and_search_metrics():
     from test_mcts import ANSWER, PROBLEM, A, B, ScriptedSampler
 
     wrong, script = WRONG, two_answers
     # workers 1, M 4 (by hand as in test_mcts): root, A expanded, then ANSWER (prior 0.73,
     # reward 1.0) selected twice; greedy: A -> ANSWER. The tree's answers: ANSWER and wrong.
     args = train.Args(mcts_workers=1, mcts_iterations=4, mcts_k=2, max_new_tokens=256,
-                      max_step_tokens=64, mcts_baseline="tree", mcts_value_targets="tree")
+                      max_step_tokens=64, mcts_baseline="tree")
     sampler = ScriptedSampler(script)
     [t] = train.mcts_trajectories([PROBLEM], sampler, args, version=7)
     assert bytes(t["tokens"].tolist()).decode() == A + ANSWER and t["reward"].item() == 1.0
     assert t["advantages"].tolist() == [0.5] * len(A + ANSWER)  # 1.0 - mean(1.0, 0.0)
-    [(tokens, reward)] = t["value_paths"]
-    assert bytes(tokens.tolist()).decode() == A + wrong and reward == 0.0
     assert t["info"] == {"search_depth": 2, "search_from_rollout": 0,
                          "search_terminal_backups": 2,
                          "search_tree_tokens": len(A) + len(B) + len(ANSWER) + len(wrong)}
-    # the blog's advantage: left to the trainer (r - V), no value paths
+    # the blog's advantage: left to the trainer (r - V)
     [t] = train.mcts_trajectories([PROBLEM], ScriptedSampler(script),
                                   train.Args(mcts_workers=1, mcts_iterations=4, mcts_k=2,
                                              mcts_baseline="value"), 7)
-    assert not t["advantages"].any() and t["value_paths"] == []
+    assert not t["advantages"].any()
     # whole tree: both answers, leave-one-out (1 - 0, 0 - 1), or step credit: the shared step A
     # gets (V(A) - V(root)) + (V(A) - V(root)) = 0, the answers +-((0.5) + (0.5))
     for credit, adv_a in (("leaf", (1.0, -1.0)), ("step", (0.0, 0.0))):
-        whole = replace(args, mcts_distill="whole", mcts_credit=credit, mcts_value_targets="path")
+        whole = replace(args, mcts_distill="whole", mcts_credit=credit)
         bad, right = sorted(train.mcts_trajectories([PROBLEM], ScriptedSampler(script), whole, 7),
                             key=lambda t: t["reward"].item())
         assert bytes(right["tokens"].tolist()).decode() == A + ANSWER
@@ -201,7 +188,7 @@ def test_mcts_producer_tree_baseline_value_paths_and_search_metrics():
         for t, a, s in ((right, adv_a[0], step_adv[0]), (bad, adv_a[1], step_adv[1])):
             assert t["advantages"].tolist() == [a] * len(A) + [s] * len(ANSWER if t is right
                                                                         else wrong)
-            assert t["info"]["search_answers"] == 2 and t["value_paths"] == []
+            assert t["info"]["search_answers"] == 2
 
 
 def test_whole_tree_visits_credit_keeps_the_visited_answers_weighted_by_visits():
@@ -278,12 +265,6 @@ def test_cispo_producer_sends_group_relative_advantages_by_hand():
         assert t["version"].item() == 3
     i = ANSWERS.index("<answer>1+2+3*4</answer>")
     assert trajs[i]["old_logprobs"].sum().item() == pytest.approx(-1.0 - i)
-    # --normalize-std (GRPO): divided by the group's sample std (ddof 1)
-    std10 = math.sqrt(sum((x - 0.1) ** 2 for x in r10) / 3)
-    normed = train.cispo_trajectories([ten], ScriptedSampler(answers_script),
-                                      replace(args, normalize_std=True), 3)
-    assert [t["advantages"][0].item() for t in normed] == pytest.approx(
-        [(x - 0.1) / (std10 + 1e-6) for x in r10], abs=1e-6)
 
 
 def test_bon_producer_sends_the_best_of_n_by_dense_reward():
@@ -332,29 +313,29 @@ class _FakePolicy(torch.nn.Module):
 
 
 def test_checkpoint_pointer_survives_a_killed_writer(tmp_path):
-    infra.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 4})
+    rundir.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 4})
     ckpts = tmp_path / "checkpoints"
     # what a writer killed mid-save leaves behind: a half-written dir and pointer
     (ckpts / "step-000006.tmp-999").mkdir()
     (ckpts / "latest.tmp-999").write_text("step-000006\n")
-    assert infra.latest_checkpoint(tmp_path) == ckpts / "step-000004"
-    assert infra.load_trainer_state(ckpts / "step-000004")["step"] == 4
-    infra.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 8})
+    assert latest_checkpoint(tmp_path) == ckpts / "step-000004"
+    assert rundir.load_trainer_state(ckpts / "step-000004")["step"] == 4
+    rundir.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 8})
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000004", "step-000008"]
-    assert infra.latest_checkpoint(tmp_path) == ckpts / "step-000008"
-    infra.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 12})  # the last two are kept
+    assert latest_checkpoint(tmp_path) == ckpts / "step-000008"
+    rundir.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 12})  # the last two are kept
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000008", "step-000012"]
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_weights_are_never_checkpointed(tmp_path, bad):
-    infra.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 2})
-    infra.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 4})
+    rundir.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 2})
+    rundir.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 4})
     with pytest.raises(FloatingPointError, match="non-finite weights at step 6: not checkpointed"):
-        infra.save_checkpoint(tmp_path, _FakePolicy(bad), None, {"step": 6})
+        rundir.save_checkpoint(tmp_path, _FakePolicy(bad), None, {"step": 6})
     ckpts = tmp_path / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000002", "step-000004"]
-    assert infra.latest_checkpoint(tmp_path) == ckpts / "step-000004"
+    assert latest_checkpoint(tmp_path) == ckpts / "step-000004"
 
 
 def fake_shared(policy: torch.nn.Module, version: int = 0):
@@ -379,7 +360,7 @@ def test_non_finite_weights_are_never_published(bad):
 
 
 def test_skipped_updates_are_counted_and_each_is_warned_about(capsys):
-    sh, alarms = fake_shared(_FakePolicy()), infra.Alarms(kl_warn=0.1)
+    sh, alarms = fake_shared(_FakePolicy()), diagnostics.Alarms(kl_warn=0.1)
     alarms.check(sh, 1, skipped_step=0.0, kl=0.0)
     alarms.check(sh, 2, skipped_step=1.0, kl=0.05)
     alarms.check(sh, 3, skipped_step=1.0, kl=0.2)  # and the KL passes --kl-warn: once
@@ -421,34 +402,34 @@ def test_non_finite_gradient_norm_skips_the_update(tiny_test_model):
     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),  # torch.save
 ])
 def test_full_disk_is_one_line_and_leaves_no_partial_checkpoint(tmp_path, monkeypatch, error):
-    infra.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 4})
+    rundir.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 4})
 
     def full_disk(state, path):  # writes part of the file, then the disk is full
         Path(path).write_bytes(b"partial")
         raise error
-    monkeypatch.setattr(infra.torch, "save", full_disk)
-    monkeypatch.setattr(infra.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    monkeypatch.setattr(rundir.torch, "save", full_disk)
+    monkeypatch.setattr(rundir.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
     with pytest.raises(SystemExit) as err:
-        infra.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 6})
+        rundir.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 6})
     assert str(err.value).startswith("no space left on device: checkpoint step-000006 not written")
     ckpts = tmp_path / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000004"]  # no .tmp left
-    assert infra.latest_checkpoint(tmp_path) == ckpts / "step-000004"
+    assert latest_checkpoint(tmp_path) == ckpts / "step-000004"
 
 
 def test_leftovers_of_killed_writers_are_removed(tmp_path):
-    infra.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 4})
+    rundir.save_checkpoint(tmp_path, _FakePolicy(), None, {"step": 4})
     ckpts = tmp_path / "checkpoints"
     (ckpts / "step-000006.tmp-999").mkdir()
     (ckpts / "latest.tmp-999").write_text("step-000006\n")
-    infra.remove_leftovers(ckpts)
+    rundir.remove_leftovers(ckpts)
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000004"]
 
 
 def test_resume_drops_a_metrics_line_cut_short_with_a_warning(tmp_path, capsys):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 0, "eval": 1}\n{"step": 4}\n{"step": 5}\n{"step": 7')
-    infra.keep_rows_until(path, 4)
+    rundir.keep_rows_until(path, 4)
     assert read_jsonl(path) == [{"step": 0, "eval": 1}, {"step": 4}]
     assert path.read_text().endswith("}\n")  # rows appended next start on a line of their own
     err = capsys.readouterr().err
@@ -475,16 +456,16 @@ def test_overwrite_deletes_the_old_runs_files_and_keeps_the_users(tmp_path):
     for name in ("metrics.jsonl", "events.jsonl", "config.json", "eval_t1.json"):
         (out / name).write_text('{"step": 4}\n')
     (out / "notes.txt").write_text("mine")
-    assert infra.check_run_dir(out, {}, resume=False, overwrite=True, same=()) == (None, None)
-    infra.claim_run_dir(out, {"method": "cispo"}, None, overwrite=True)
+    assert rundir.check_run_dir(out, {}, resume=False, overwrite=True, same=()) == (None, None)
+    rundir.claim_run_dir(out, {"method": "cispo"}, None, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.txt"]
     assert json.loads((out / "config.json").read_text()) == {"method": "cispo"}
     assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_no_checkpoint_is_a_one_line_error(tmp_path):
-    with pytest.raises(SystemExit, match="no checkpoint to resume from"):
-        infra.latest_checkpoint(tmp_path)
+    with pytest.raises(SystemExit, match="no checkpoint in"):
+        latest_checkpoint(tmp_path)
 
 
 def test_preset_gives_defaults_and_flags_override():
@@ -574,7 +555,7 @@ def test_resume_from_a_broken_checkpoint_is_one_line_error(tiny_test_model, tmp_
 
     run_dir = tmp_path / "run"
     policy, tok = load_policy(str(tiny_test_model))
-    infra.save_checkpoint(run_dir, policy, tok, {"step": 4})
+    rundir.save_checkpoint(run_dir, policy, tok, {"step": 4})
     args = train.parse_args(["--model", str(tiny_test_model), "--resume", str(run_dir)])
     (run_dir / "config.json").write_text(json.dumps(train.asdict(args)))
     damage(run_dir)
@@ -965,17 +946,16 @@ def test_learning_rate_schedules_by_hand():
 
 
 def test_health_stats_by_hand():
-    # 2 policy rows + 1 value row, vocabulary of 4. Row 0: uniform logits on its two completion
-    # positions (entropy log 4); row 1: one completion position with a certain token (entropy 0).
-    a = train.trajectory([1, 2], [3, 0], [-1.0, -2.0], 1.0, 0.5, 0,
-                         value_paths=[([2], -1.0)])
+    # 2 rows, vocabulary of 4. Row 0: uniform logits on its two completion positions (entropy
+    # log 4); row 1: one completion position with a certain token (entropy 0).
+    a = train.trajectory([1, 2], [3, 0], [-1.0, -2.0], 1.0, 0.5, 0)
     b = train.trajectory([1], [3], [-0.5], -1.0, -0.5, 0)
-    batch = train.collate([a, b], pad_id=0)  # rows a, b, a's value path; positions 0..2
-    logits = torch.zeros(3, 3, 4)
+    batch = train.collate([a, b], pad_id=0)  # rows a, b; positions 0..2
+    logits = torch.zeros(2, 3, 4)
     logits[1, 0] = torch.tensor([0.0, 0.0, 0.0, 1000.0])
-    logp = torch.tensor([[0.0, -1.5, -2.0], [-0.25, 0.0, 0.0], [0.0, 0.0, 0.0]])
-    values = torch.tensor([[9.0, 0.2, 0.4], [0.6, 9.0, 9.0], [9.0, -0.8, 9.0]])
-    adv = batch["mask"] * torch.tensor([[0.5], [-0.5], [0.0]])
+    logp = torch.tensor([[0.0, -1.5, -2.0], [-0.25, 0.0, 0.0]])
+    values = torch.tensor([[9.0, 0.2, 0.4], [0.6, 9.0, 9.0]])
+    adv = batch["mask"] * torch.tensor([[0.5], [-0.5]])
     h = diagnostics.health_stats(logits, logp, values, adv, batch)
     assert h["entropy"] == pytest.approx(2 * math.log(4) / 3)  # 3 policy tokens
     assert h["advantage_std"] == pytest.approx(torch.tensor([0.5, 0.5, -0.5]).std().item())
