@@ -131,15 +131,18 @@ class VLLMSampler:
     def generate(self, prompts: list[list[int]], n: int = 1, max_new_tokens: int = 64,
                  temperature: float = 1.0, top_p: float = 1.0,
                  stop: Sequence[str] = (STEP_END, ANSWER_CLOSE),
-                 want_values: bool = False) -> list[list[Completion]]:
-        """n samples per prompt -> [len(prompts)][n] Completions, all prompts in one engine call."""
+                 want_values: bool = False, seed: int | None = None) -> list[list[Completion]]:
+        """n samples per prompt -> [len(prompts)][n] Completions, all prompts in one engine call.
+        `seed`: this call's own random stream (vLLM's per-request seed), so its samples do not
+        depend on the calls before it; None: the engine's stream (seeded once at start)."""
         check_generate_args(prompts, n, max_new_tokens, temperature, top_p)
         copies = n if temperature == 0 else 1  # vLLM refuses greedy n > 1: one sample, n copies
         params = SamplingParams(
             n=n // copies, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             stop=[s for s in stop if s], include_stop_str_in_output=True,
             stop_token_ids=self.torch.eos_ids,  # the same EOS set as the torch backend
-            logprobs=0)  # the sampled token's log-prob only (raw_logprobs: temperature 1)
+            logprobs=0,  # the sampled token's log-prob only (raw_logprobs: temperature 1)
+            seed=seed)
         queries, hits = self._prefix_counters()
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
                                     params, use_tqdm=False)
