@@ -119,12 +119,13 @@ def kl_k3(logp: Tensor, ref_logp: Tensor, mask: Tensor, agg: str = "token") -> T
     return _masked_mean(torch.exp(log_r) - log_r - 1.0, valid, agg)
 
 
-def mcts_advantages(rewards: Tensor, values: Tensor, mask: Tensor) -> Tensor:
-    """Blog's A_t = r_terminal - sg(V_old(s_t)): the same terminal reward on every token, no GAE
-    (traces are long and the reward is terminal, so discounting would erase early tokens)."""
+def value_advantages(rewards: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """Blog's A_t = r_terminal - sg(V_old(s_t)) (MCTS with its value baseline, and best-of-N): the
+    same terminal reward on every token, no GAE (traces are long and the reward is terminal, so
+    discounting would erase early tokens)."""
     if rewards.shape != mask.shape[:1]:
-        raise ValueError(f"mcts_advantages: rewards must be [B], got {tuple(rewards.shape)}")
-    valid = _valid("mcts_advantages", mask, values=values)
+        raise ValueError(f"value_advantages: rewards must be [B], got {tuple(rewards.shape)}")
+    valid = _valid("value_advantages", mask, values=values)
     return torch.where(valid, rewards[:, None] - values.detach(), 0.0)
 
 
@@ -193,7 +194,7 @@ def total_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, values: 
                ) -> tuple[Tensor, dict[str, float]]:
     """Blog's L_total = c_ppo L_policy + c_value L_value + c_KL D_KL, plus scalars for logging.
 
-    advantages are per token [B,T] (mcts_advantages, or group_advantages broadcast over tokens);
+    advantages are per token [B,T] (value_advantages, or group_advantages broadcast over tokens);
     rewards [B] are the value targets; ref_logp=None drops the KL term (needs c_kl == 0).
     Defaults are the blog's table (c_ppo 1.0, c_value 1.0, c_KL 0.05, CISPO epsilon_high 5.0).
     """

@@ -432,7 +432,7 @@ def advantages(args: Args, batch: dict, values: torch.Tensor) -> torch.Tensor:
     the old model up to policy lag). The others bring theirs from the generator: group- (CISPO)
     or tree-relative (TreePO, TreeRL, MCTS with --mcts-baseline tree), or 1 everywhere (SFT)."""
     if args.method == "bon" or (args.method == "mcts" and args.mcts_baseline == "value"):
-        return losses.mcts_advantages(batch["rewards"], values, batch["mask"])
+        return losses.value_advantages(batch["rewards"], values, batch["mask"])
     return batch["advantages"] * batch["mask"]
 
 

@@ -210,9 +210,9 @@ def test_kl_k3_monte_carlo_matches_exact_kl_and_blog_direction_does_not():
 # ---------------------------------------------------------------- advantages
 
 
-def test_mcts_advantages_r_minus_detached_value():
+def test_value_advantages_r_minus_detached_value():
     values = batch([0.5, -0.2, 0.1, 0.9, 0.0]).requires_grad_()
-    adv = losses.mcts_advantages(torch.tensor([1.0, -0.5]), values, MASK)
+    adv = losses.value_advantages(torch.tensor([1.0, -0.5]), values, MASK)
     # A_t = r - V(s_t): 1-0.5, 1+0.2, 1-0.1 | -0.5-0.9, -0.5-0 | padded -> 0
     expected = torch.tensor([[0.5, 1.2, 0.9], [-1.4, -0.5, 0.0]])
     torch.testing.assert_close(adv, expected)
