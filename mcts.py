@@ -27,9 +27,9 @@ Interpretation choices (the README links here):
   adds 1 to N of every node on its path, Q = W / (N + VL), removed on backup. The exploration
   term always drops. With visits alone Q is pulled towards 0, which repels from a branch with
   W > 0 but *draws* to one with W < 0 (most branches of a weak model), so workers collide. So
-  by default each virtual visit also counts with value -1, the worst
-  reward (classic virtual *loss*): Q = (W - VL) / (N + VL). `virtual_value=0` is the
-  visits-only rule of the blog's table / the author's code.
+  by default each virtual visit also counts with value -1, the worst reward (classic virtual
+  *loss*): Q = (W - VL) / (N + VL). `virtual_value=0` is the visits-only rule of the blog's
+  table / the author's code.
 - A selected terminal leaf needs no model call: its reward is backed up at once.
 - Greedy selection (blog: "Trajectory Selection"): from the root follow the most-visited child
   (ties: higher Q) until a terminal node or a node whose children were never visited. The
