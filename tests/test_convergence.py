@@ -11,7 +11,7 @@ spec = importlib.util.spec_from_file_location("convergence", BENCH / "convergenc
 convergence = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(convergence)
 
-from test_compare import write_run  # noqa: E402
+from test_compare import write_run
 
 
 def runs(*per_problem_by_seed):
