@@ -139,7 +139,7 @@ class Alarms:
     def check(self, sh: Shared, step: int, skipped_step: float, kl: float) -> None:
         if skipped_step:
             self.skipped += 1
-            warn(sh, step, f"non-finite gradient norm at step {step}: update skipped "
+            warn(sh, step, f"non-finite loss or gradient norm at step {step}: update skipped "
                            f"({self.skipped} skipped so far; lower --lr / --max-grad-norm?)")
         if self.kl_warn and kl > self.kl_warn and not self.kl_warned:
             self.kl_warned = True

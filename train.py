@@ -453,19 +453,39 @@ def train_step(model, ref: PolicyWithValue | None, opt, batch: dict, args: Args)
         loss=args.loss, eps_high=args.eps_high, agg=args.loss_agg)
     with torch.no_grad():
         stats.update(diagnostics.health_stats(logits[:, :-1], logp, values, per_token, batch))
-    if not math.isfinite(stats["total_loss"]):
-        raise FloatingPointError(f"non-finite loss ({stats['total_loss']}): "
-                                 f"policy {stats['policy_loss']}, value {stats['value_loss']}, kl {stats['kl']}")
+    # One rule for a non-finite loss and a non-finite gradient norm: no update, the step counted
+    # as skipped (it would make every weight NaN); MAX_SKIPS in a row end the run (`trainer`).
     opt.zero_grad(set_to_none=True)
+    bad_loss = not math.isfinite(stats["total_loss"])
+    if torch.distributed.is_initialized():  # every rank skips, or none: backward syncs them
+        bad_loss = infra.any_rank(bad_loss, loss.device)
+    if bad_loss:
+        stats.update(grad_norm=float("nan"), skipped_step=1.0, skipped_loss=1.0)
+        return stats
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
     stats["grad_norm"] = grad_norm.item()
     stats["skipped_step"] = float(not torch.isfinite(grad_norm))  # same on every DDP rank
-    if stats["skipped_step"]:  # an inf/NaN gradient would make every weight NaN: no update
+    if stats["skipped_step"]:
         opt.zero_grad(set_to_none=True)
     else:
         opt.step()
     return stats
+
+
+MAX_SKIPS = 10  # consecutive skipped updates that end a run: its weights no longer train
+
+
+def check_skips(stats: dict, in_a_row: int, step: int) -> int:
+    """Skipped updates in a row after this step; raises once they reach MAX_SKIPS."""
+    in_a_row = in_a_row + 1 if stats["skipped_step"] else 0
+    if in_a_row >= MAX_SKIPS:
+        what = "loss" if stats.get("skipped_loss") else "gradient norm"
+        raise FloatingPointError(
+            f"{MAX_SKIPS} updates in a row skipped by step {step} (the last: non-finite {what}; "
+            f"policy {stats['policy_loss']}, value {stats['value_loss']}, kl {stats['kl']}): "
+            "stopping; the last checkpoints are intact (lower --lr / --max-grad-norm?)")
+    return in_a_row
 
 
 def make_optimizer(policy: torch.nn.Module, args: Args) -> torch.optim.AdamW:
@@ -558,6 +578,7 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
                      saved=step if resume_ckpt else -1) if rank == 0 else None)
     if lead is not None and not resume_ckpt:
         lead.log_start(step)
+    skips = 0  # updates skipped in a row (check_skips)
     while True:
         # rank 0 honours the time limit and a stop request even when no step completes
         batch = infra.next_batch(sh, per_rank, give_up=lead.should_stop if lead else None)
@@ -569,6 +590,7 @@ def trainer(args: Args, sh: Shared, rank: int, port: int, resume_ckpt: str, t_st
         for group in opt.param_groups:  # derived from the step: a resumed run continues it
             group["lr"] = lr_at(step, args)
         stats = train_step(model, ref, opt, data, args)
+        skips = check_skips(stats, skips, step + 1)
         logged, malformed = diagnostics.step_metrics(stats, data, batch, tokenizer, step)
         if lead is not None and malformed and step % 10 == 0:  # what malformed answers look like
             sh.log_q.put({"event": "malformed", "step": step, "text": malformed[-300:]})

@@ -370,7 +370,7 @@ def test_skipped_updates_are_counted_and_each_is_warned_about(capsys):
     assert [(e["event"], e["step"]) for e in events] == [("warning", 2), ("warning", 3),
                                                          ("warning", 3)]
     assert "2 skipped so far" in events[1]["message"] and "KL" in events[2]["message"]
-    assert capsys.readouterr().err.count("train.py: warning: non-finite gradient norm") == 2
+    assert capsys.readouterr().err.count("train.py: warning: non-finite loss or gradient norm") == 2
 
 
 def test_non_finite_gradient_norm_skips_the_update(tiny_test_model):
@@ -395,6 +395,61 @@ def test_non_finite_gradient_norm_skips_the_update(tiny_test_model):
     hook.remove()
     assert train.train_step(policy, None, opt, batch, args)["skipped_step"] == 0.0
     assert infra.all_finite(policy)
+
+
+def test_non_finite_loss_skips_the_update_like_a_non_finite_gradient(tiny_test_model):
+    """The one rule: a NaN loss (here a NaN reward: the value loss and r - V are NaN) gets no
+    backward and no AdamW step, and counts as a skipped update like a NaN gradient norm."""
+    from value_head import load_policy
+
+    policy, tok = load_policy(str(tiny_test_model))
+    a = train.trajectory([5, 6, 7], [8, 9], [-0.5, -1.5], float("nan"), None, 0)
+    b = train.trajectory([5], [4, 3, 2], [-1.0, -2.0, -3.0], -1.0, None, 0)
+    batch = train.collate([a, b], tok.pad_token_id)
+    args = train.Args(c_kl=0.0, mcts_baseline="value")
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-3)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    stats = train.train_step(policy, None, opt, batch, args)
+    assert math.isnan(stats["total_loss"]) and math.isnan(stats["grad_norm"])
+    assert stats["skipped_step"] == 1.0 and stats["skipped_loss"] == 1.0
+    assert all(torch.equal(v, before[k]) for k, v in policy.state_dict().items())
+    assert opt.state == {} and all(p.grad is None for p in policy.parameters())
+
+
+@pytest.mark.timeout(120)
+def test_a_nan_loss_on_one_ddp_rank_skips_the_update_on_every_rank(tiny_test_model):
+    """Without the all-reduce of the decision, rank 0 would wait in backward's all-reduce for a
+    rank that skipped it: a hang. Both ranks skip; neither moves its weights."""
+    import fakes
+
+    ctx = torch.multiprocessing.get_context("spawn")
+    out, port = ctx.Queue(), infra.free_port()
+    procs = [ctx.Process(target=fakes.ddp_nan_loss_rank, args=(r, str(tiny_test_model), port, out))
+             for r in (0, 1)]
+    for p in procs:
+        p.start()
+    results = sorted(out.get(timeout=100) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert results == [(0, 1.0, True), (1, 1.0, True)]
+
+
+def test_skips_in_a_row_end_the_run_and_a_good_step_resets_the_count():
+    skipped = {"skipped_step": 1.0, "policy_loss": float("nan"), "value_loss": 0.1, "kl": 0.0}
+    ok = {**skipped, "skipped_step": 0.0}
+    n = 0
+    for step in range(1, train.MAX_SKIPS):  # MAX_SKIPS - 1 in a row: still running
+        n = train.check_skips(skipped, n, step)
+    assert n == train.MAX_SKIPS - 1
+    assert train.check_skips(ok, n, 99) == 0  # a good update resets the count
+    n = 0
+    for step in range(1, train.MAX_SKIPS):
+        n = train.check_skips({**skipped, "skipped_loss": 1.0}, n, step)
+    with pytest.raises(FloatingPointError, match=f"{train.MAX_SKIPS} updates in a row skipped by "
+                                                 f"step 42 \\(the last: non-finite loss"):
+        train.check_skips({**skipped, "skipped_loss": 1.0}, n, 42)
+    with pytest.raises(FloatingPointError, match="the last: non-finite gradient norm"):
+        train.check_skips(skipped, train.MAX_SKIPS - 1, 7)
 
 
 @pytest.mark.parametrize("error", [
@@ -931,11 +986,14 @@ def test_killing_the_process_group_leaks_no_semaphores(tiny_test_model, tmp_path
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_nan_loss_stops_the_run(tiny_test_model, tmp_path):
-    # lr 1e30: the first AdamW step blows the weights up, the next loss is not finite
+    # lr 1e30: the first AdamW step blows the weights up, every later loss is not finite: each
+    # update is skipped (and warned about) until MAX_SKIPS in a row end the run
     r = run_train(*small_flags(str(tiny_test_model), tmp_path / "nan", steps=20),
                   "--lr", "1e30", "--sync-every", "1000")
     assert r.returncode == 1
-    assert "trainer-0 failed" in r.stderr and "non-finite loss" in r.stderr
+    assert "trainer-0 failed" in r.stderr
+    assert f"{train.MAX_SKIPS} updates in a row skipped" in r.stderr
+    assert "non-finite loss" in r.stderr
 
 
 def test_learning_rate_schedules_by_hand():
