@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The prepared GPU check (issue 21), for when a GPU machine is lent (one H200: torch with CUDA and
 # transformers, no vLLM, no network, so the model is random weights from the published config).
-# One command, at most ~8 minutes (each part has its own time limit):
+# One command, at most ~11 minutes (each part has its own time limit):
 #   1. the CUDA-marked tests (tests/test_cuda.py: forward, sampler, train_step via DDP on nccl)
 #   2. a random Qwen2.5-1.5B-shaped model, built on the GPU and saved with save_pretrained
 #   3. a short train.py run on it: torch backend, one generator, one DDP trainer rank; train.py
 #      puts both on the GPU and the trainer's process group on nccl whenever CUDA is there
-#   4. benchmarks/real_size.py at that size: tokens/s of generate vs our sampler vs the floor on
+#   4. benchmarks/real_shape_run.py: train.py end to end (mcts, cispo) at that shape, host memory
+#   5. benchmarks/real_size.py at that size: tokens/s of generate vs our sampler vs the floor on
 #      the MCTS- and CISPO-shaped batches, the trainer step time and peak CUDA memory
 # Without CUDA it says so and exits 0 (after checking its arguments), so CI can run it.
 set -uo pipefail
@@ -16,7 +17,7 @@ usage() {
 usage: benchmarks/gpu_check.sh [--python EXE] [--size 1.5b|0.5b] [--help]
 
 Runs the CUDA tests, a short train.py run (torch backend, DDP on nccl, one rank) and the
-real-size sampler benchmark on a random Qwen2.5-shaped model, in at most ~8 minutes.
+real-size sampler benchmark on a random Qwen2.5-shaped model, in at most ~11 minutes.
 Exits 0 without doing anything where torch sees no CUDA device.
 
   --python EXE   the interpreter (default: $PYTHON, else python3)
@@ -99,6 +100,9 @@ print("train.py steps:", len(steps), "| wall time between steps (s):",
       [round(r["policy_loss"], 4) for r in steps], "| generated tokens:", steps[-1]["generated_tokens"])
 EOF
     fi
+    part "train.py end to end at $SIZE: mcts and cispo, 1 generator + 1 trainer" 180 "$PY" \
+        benchmarks/real_shape_run.py --model "$MODEL" --generators 1 --trainers 1 --steps 3 \
+        --max-new-tokens 64
     part "real-size benchmark at $SIZE on CUDA" 120 "$PY" benchmarks/real_size.py --model "$MODEL" \
         --device cuda --backends generate,torch,vllm --mcts-prompts 16 --cispo-prompts 8 \
         --new-tokens 64 --train-batch 8 --train-tokens 96 --train-steps 3 --repeats 2 --threads 8

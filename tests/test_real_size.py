@@ -84,3 +84,29 @@ def test_quick_vllm_row():
     for shape, (prompts, n) in {"mcts": (2, 4), "cispo": (1, 16)}.items():
         tokens, _ = result[shape]["vLLM backend"]
         assert 0 < tokens <= prompts * n * 8  # vLLM may still stop at a random EOS draw
+
+
+_rs_spec = importlib.util.spec_from_file_location("real_shape_run",
+                                                  REPO / "benchmarks" / "real_shape_run.py")
+real_shape_run = importlib.util.module_from_spec(_rs_spec)
+_rs_spec.loader.exec_module(real_shape_run)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_train_py_end_to_end_at_the_real_vocabulary(tmp_path):
+    """The CI-sized real-shape run: Qwen2.5-0.5B's width and 151,936-token vocabulary with one
+    layer, 2 generators + 2 gloo DDP trainers, mcts and cispo. Every step completes, and each
+    trainer holds at least weights, gradients and AdamW's two moments (16 bytes a parameter)
+    while a generator holds less (no optimizer)."""
+    model = real_size.build_model(tmp_path / "model", "0.5b", layers=1)
+    params = sum(p.numel() for p in load_policy(str(model))[0].parameters())
+    args = real_shape_run.argparse.Namespace(steps=2, max_new_tokens=8, generators=2, trainers=2)
+    for method in ("mcts", "cispo"):
+        r = real_shape_run.run_one(model, method, tmp_path / method, args)
+        assert r["steps"] == 2 and math.isfinite(r["seconds_per_step"])
+        peaks = r["peak_rss_gib"]
+        assert set(peaks) == {"main", "generator-0", "generator-1", "trainer-0", "trainer-1"}
+        for rank in ("trainer-0", "trainer-1"):
+            assert peaks[rank] >= 16 * params / real_shape_run.GIB
+            assert peaks[rank] > max(peaks["generator-0"], peaks["generator-1"])
