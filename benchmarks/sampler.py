@@ -136,7 +136,10 @@ def common_args(doc: str) -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    args = common_args(__doc__).parse_args()
+    ap = common_args(__doc__)
+    ap.add_argument("--compile", action="store_true",
+                    help="add a row: our decoder's step under torch.compile (inductor)")
+    args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     policy, tokenizer = load_model(args.trained)
@@ -155,6 +158,12 @@ def main() -> None:
     if args.prompts % k == 0 and args.prompts > k:
         methods[f"ours, {args.prompts // k} prompts x n={k}"] = lambda: ours(
             fast, prompts[: args.prompts // k], k, args.new_tokens, args.temperature)
+    if args.compile:  # inductor over the decode step (dynamic shapes: the cache grows a column
+        # a step and rows drop out); the warm-up call below pays the compile
+        compiled = without_eos(TorchSampler(policy, tokenizer, seed=0))
+        compiled.decoder.step = torch.compile(compiled.decoder.step, dynamic=True)
+        methods["ours + torch.compile(step)"] = lambda: ours(compiled, prompts, 1, args.new_tokens,
+                                                             args.temperature)
     mean_prompt = sum(map(len, prompts)) / len(prompts)
     floor = products_floor(policy.lm, args.prompts, round(mean_prompt), args.new_tokens)
     methods["floor: matrix products only"] = floor
