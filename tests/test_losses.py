@@ -340,6 +340,7 @@ def test_leave_one_out_advantages_by_hand():
     assert losses.leave_one_out_advantages([1.0, 0.0, -1.0]) == pytest.approx([1.5, 0.0, -1.5])
     # = n / (n - 1) * (r - mean): 4 / 3 * (0.5 - 0.125) = 0.5
     assert losses.leave_one_out_advantages([0.5, 0.0, 0.0, 0.0])[0] == pytest.approx(0.5)
+    assert losses.leave_one_out_advantages([0.7, 0.2]) == pytest.approx([0.5, -0.5])  # n = 2
     assert losses.leave_one_out_advantages([0.7]) == [0.0]  # nothing to compare with
     assert losses.leave_one_out_advantages([]) == []
 
@@ -351,6 +352,12 @@ def test_tree_step_advantages_by_hand():
     assert got[0] == pytest.approx([a, (1 - 0) + (1 - 0.5)])
     assert got[1] == pytest.approx([a, (0 - 0) + (0 - 0.5)])
     assert got[2] == pytest.approx([(-1 - 0) + (-1 - 0)])
+    # a root mean that is not 0: rewards 1, 0.5 below "a", 0 alone; V(root) = 0.5, V(a) = 0.75
+    got = losses.tree_step_advantages([["a", "x"], ["a", "y"], ["b"]], [1.0, 0.5, 0.0])
+    a = ((0.75 - 0.5) + (0.75 - 0.5)) / math.sqrt(2)
+    assert got[0] == pytest.approx([a, (1 - 0.5) + (1 - 0.75)])
+    assert got[1] == pytest.approx([a, (0.5 - 0.5) + (0.5 - 0.75)])
+    assert got[2] == pytest.approx([(0 - 0.5) + (0 - 0.5)])
     with pytest.raises(ValueError, match="one non-empty path per reward"):
         losses.tree_step_advantages([["a"], []], [1.0, 0.0])
 
@@ -361,6 +368,63 @@ def test_visit_weighted_advantages_by_hand():
         [1.5 * 1.0, 0.5 * 0.0, 0.0])
     # the baseline is the mean of all answers, visited or not: 0.5 - mean(0.5, -0.5) = 0.5
     assert losses.visit_weighted_advantages([0.5, -0.5], [4, 0]) == pytest.approx([0.5, 0.0])
+    # mean reward 0.125 over all four, visited mean (3 + 1 + 2) / 3 = 2
+    assert losses.visit_weighted_advantages([1.0, -1.0, 0.5, 0.0], [3, 1, 0, 2]) == pytest.approx(
+        [1.5 * 0.875, 0.5 * -1.125, 0.0, 1.0 * -0.125])
     assert losses.visit_weighted_advantages([0.3, 0.1], [0, 0]) == [0.0, 0.0]
     with pytest.raises(ValueError, match="one visit count per reward"):
         losses.visit_weighted_advantages([0.3], [1, 2])
+
+
+@pytest.mark.parametrize("kind", ["cispo", "ppo"])
+def test_every_term_of_the_total_loss_honours_sequence_aggregation(kind):
+    """agg="sequence" = each row's token mean, then the mean over rows: checked against the
+    token-mean losses of each row alone (an independent path), on rows of 3 and 1 valid tokens
+    whose token and sequence means differ."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -9.0, -9.0]])
+    old = torch.tensor([[-1.2, -1.5, -0.5], [-0.1, -9.0, -9.0]])
+    ref = torch.tensor([[-0.8, -2.5, -1.0], [-0.6, -9.0, -9.0]])
+    values = torch.tensor([[0.1, 0.4, -0.2], [0.9, 0.0, 0.0]])
+    rewards = torch.tensor([1.0, -1.0])
+    adv = torch.tensor([[0.7, 0.7, 0.7], [-1.3, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    _, seq = losses.total_loss(logp, old, ref, values, rewards, adv, mask, loss=kind,
+                               agg="sequence")
+    _, tok = losses.total_loss(logp, old, ref, values, rewards, adv, mask, loss=kind)
+    rows = [losses.total_loss(logp[i:i + 1], old[i:i + 1], ref[i:i + 1], values[i:i + 1],
+                              rewards[i:i + 1], adv[i:i + 1], mask[i:i + 1], loss=kind)[1]
+            for i in range(2)]
+    for key in ("policy_loss", "value_loss", "kl", "total_loss"):
+        assert seq[key] == pytest.approx((rows[0][key] + rows[1][key]) / 2), key
+        assert seq[key] != pytest.approx(tok[key]), key  # the two readings differ here
+
+
+def test_ppo_clip_fraction_counts_only_the_switched_off_gradients_by_hand():
+    # PPO's clip holds a token back when ratio > 1 + eps with A > 0, or ratio < 1 - eps with A < 0
+    ratio = torch.tensor([[1.5, 1.1, 0.5], [0.9, 0.5, 1.5]])
+    adv = torch.tensor([[1.0, 1.0, -1.0], [-1.0, 0.5, 0.0]])
+    valid = torch.ones(2, 3, dtype=torch.bool)
+    # held: (1.5, +1) and (0.5, -1); not (1.1, +1), (0.9, -1) inside the range, (0.5, +0.5) with
+    # A > 0, (1.5, 0) with A = 0
+    got = losses.clip_fraction(ratio, adv, valid, "ppo", eps_high=5.0, eps=0.2)
+    assert got.item() == pytest.approx(2 / 6)
+    assert losses.clip_fraction(ratio * 4, adv, valid, "cispo", eps_high=5.0, eps=0.2).item() \
+        == pytest.approx(2 / 6)  # CISPO: the weight at its cap (6.0 twice), whatever A
+
+
+@pytest.mark.parametrize(("fn", "name"), [
+    ("cispo_loss", "logp"), ("cispo_loss", "old_logp"), ("cispo_loss", "advantages"),
+    ("ppo_clip_loss", "logp"), ("ppo_clip_loss", "old_logp"), ("ppo_clip_loss", "advantages"),
+    ("value_loss", "values"), ("value_loss", "returns"), ("value_advantages", "values")])
+def test_every_per_token_argument_is_shape_checked(fn, name):
+    """Each [B, T] argument is checked against the mask, by name (one wrong shape at a time)."""
+    mask = torch.ones(2, 3)
+    good = {"logp": torch.zeros(2, 3), "old_logp": torch.zeros(2, 3),
+            "advantages": torch.zeros(2, 3), "values": torch.zeros(2, 3),
+            "returns": torch.zeros(2, 3), "rewards": torch.zeros(2)}
+    args = {"cispo_loss": ("logp", "old_logp", "advantages"),
+            "ppo_clip_loss": ("logp", "old_logp", "advantages"),
+            "value_loss": ("values", "returns"), "value_advantages": ("rewards", "values")}[fn]
+    bad = {k: (torch.zeros(2, 2) if k == name else good[k]) for k in args}
+    with pytest.raises(ValueError, match=f"{fn}: {name} has shape \\(2, 2\\), expected \\(2, 3\\)"):
+        getattr(losses, fn)(*bad.values(), mask)
