@@ -133,19 +133,24 @@ class VLLMSampler:
                  stop: Sequence[str] = (STEP_END, ANSWER_CLOSE),
                  want_values: bool = False, seed: int | None = None) -> list[list[Completion]]:
         """n samples per prompt -> [len(prompts)][n] Completions, all prompts in one engine call.
-        `seed`: this call's own random stream (vLLM's per-request seed), so its samples do not
-        depend on the calls before it; None: the engine's stream (seeded once at start)."""
+        `seed`: this call's own random streams (vLLM's per-request seed, seed + i for prompt i),
+        so its samples do not depend on the calls before it; None: the engine's stream."""
         check_generate_args(prompts, n, max_new_tokens, temperature, top_p)
         copies = n if temperature == 0 else 1  # vLLM refuses greedy n > 1: one sample, n copies
-        params = SamplingParams(
-            n=n // copies, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            stop=[s for s in stop if s], include_stop_str_in_output=True,
-            stop_token_ids=self.torch.eos_ids,  # the same EOS set as the torch backend
-            logprobs=0,  # the sampled token's log-prob only (raw_logprobs: temperature 1)
-            seed=seed)
+
+        def params(request_seed: int | None) -> SamplingParams:
+            return SamplingParams(
+                n=n // copies, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                stop=[s for s in stop if s], include_stop_str_in_output=True,
+                stop_token_ids=self.torch.eos_ids,  # the same EOS set as the torch backend
+                logprobs=0,  # the sampled token's log-prob only (raw_logprobs: temperature 1)
+                seed=request_seed)
+        # a seeded call seeds each prompt's request apart (seed + i): one seed for all would
+        # draw every prompt's samples from the same stream
+        per_prompt = params(None) if seed is None else [params(seed + i) for i in range(len(prompts))]
         queries, hits = self._prefix_counters()
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
-                                    params, use_tqdm=False)
+                                    per_prompt, use_tqdm=False)
         new_queries, new_hits = self._prefix_counters()
         self.prefix_cache_queries += new_queries - queries
         self.prefix_cache_hits += new_hits - hits
