@@ -148,6 +148,16 @@ def start_evals(results: Path) -> dict[float, dict]:
     return {t: e for t in TEMPERATURES if (e := tiny.start_eval(t)) is not None}
 
 
+def spread(values, scale=100.0, unit="%", digits=2) -> str:
+    """mean [min, max] over seeds ("" for none)."""
+    v = np.asarray(values, dtype=float) * scale
+    if not len(v):
+        return ""
+    f = f".{digits}f"
+    return (f"{v.mean():{f}}{unit} [{v.min():{f}}, {v.max():{f}}]" if len(v) > 1
+            else f"{v.mean():{f}}{unit}")
+
+
 def report(results: Path, figures: Path) -> str:
     """Table (mean and range over seeds, paired gain vs start and vs the sft control) + figures.
     Refuses a run whose recorded start model is not the one the start evals saw."""
@@ -181,13 +191,6 @@ def report(results: Path, figures: Path) -> str:
 
     def at_budget(run: dict) -> float:
         return max(((t, v) for t, v in run["curve"] if t <= budget), default=(0, np.nan))[1]
-
-    def spread(values, scale=100.0, unit="%", digits=2):
-        """mean [min, max] over seeds."""
-        v = np.asarray(values, dtype=float) * scale
-        f = f".{digits}f"
-        return (f"{v.mean():{f}}{unit} [{v.min():{f}}, {v.max():{f}}]" if len(v) > 1
-                else f"{v.mean():{f}}{unit}")
 
     def gain(base: dict, run: dict, t: float) -> float:
         """Paired per-problem difference run - base on the same 820 problems."""

@@ -91,14 +91,6 @@ def steps_and_tokens(folder: Path, arm: str) -> tuple[list[int], list[int], list
     return steps, tokens, wall
 
 
-def pct(values, digits=2, unit="%", scale=100.0) -> str:
-    v = np.asarray(values, dtype=float) * scale
-    if not len(v):
-        return ""
-    return (f"{v.mean():.{digits}f}{unit} [{v.min():.{digits}f}, {v.max():.{digits}f}]"
-            if len(v) > 1 else f"{v.mean():.{digits}f}{unit}")
-
-
 def table(root: Path, steps: int, arms: list[str]) -> str:
     """Per arm: mean@16 and pass@16 at S and 2S, the doubling test at T = 1.0 and 0.2, and the
     steps / tokens / wall seconds of the budget it converged at (2S's cost when it did not)."""
@@ -114,12 +106,13 @@ def table(root: Path, steps: int, arms: list[str]) -> str:
         tests = {t: doubling_test(short, long, t) for t in compare.TEMPERATURES}
 
         def mean_at(runs, t):
-            return pct([runs[s][t]["mean_at_n"] for s in sorted(runs)])
+            return compare.spread([runs[s][t]["mean_at_n"] for s in sorted(runs)])
 
         def diff(d):
             return (f"{100 * d['difference']:+.2f} pt [{100 * (d['difference'] - d['difference_ci95']):+.2f}, "
                     f"{100 * (d['difference'] + d['difference_ci95']):+.2f}]" if d else "")
-        passes = " / ".join(pct([r[1.0].get("pass_at_n", np.nan) for r in runs.values()], 1)
+        passes = " / ".join(compare.spread([r[1.0].get("pass_at_n", np.nan) for r in runs.values()],
+                                           digits=1)
                             for runs in (short, long))
         done = tests[1.0]
         verdict = "" if done is None else ("yes" if done["converged"] else "no")
@@ -128,7 +121,8 @@ def table(root: Path, steps: int, arms: list[str]) -> str:
         lines.append(f"| {arm} | {len(short)} / {len(long)} | {mean_at(short, 1.0)} | "
                      f"{mean_at(long, 1.0)} | {diff(tests[1.0])} | {mean_at(short, 0.2)} | "
                      f"{mean_at(long, 0.2)} | {diff(tests[0.2])} | {passes} | {verdict} | "
-                     f"{pct(s, 0, '', 1)} | {pct(tok, 2, ' M', 1e-6)} | {pct(wall, 0, '', 1)} |")
+                     f"{compare.spread(s, 1, '', 0)} | {compare.spread(tok, 1e-6, ' M')} | "
+                     f"{compare.spread(wall, 1, '', 0)} |")
     return "\n".join(lines) + "\n"
 
 
