@@ -40,6 +40,7 @@ import plots
 from eval import paired_difference
 
 RESULTS, FIGURES = ROOT / "results" / "convergence", ROOT / "figures" / "convergence"
+DEFAULT_LR = 1e-5  # the step size every arm shares (benchmarks/README.md "Convergence")
 WALL = "wall_time"
 
 
@@ -159,7 +160,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=700, help="S: the short budget (2S is the other)")
     ap.add_argument("--budgets", nargs="+", choices=("S", "2S"), default=["S", "2S"],
                     help="which budgets to run (both by default)")
-    ap.add_argument("--lr", type=float, default=1e-5, help="peak lr of the linear decay")
+    ap.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak lr of the linear decay")
     ap.add_argument("--eval-every", type=int, default=100, help="200-problem eval every N steps")
     ap.add_argument("--parallel", type=int, default=2, help="runs at a time (one core each)")
     ap.add_argument("--runs", default="runs/convergence", help="run directories (checkpoints)")

@@ -7,8 +7,11 @@ Two measures, both from the shipped start model unless --model says otherwise:
            per worker) x workers: the selected trajectory's exact success and dense reward against
            one policy sample's and best-of-N's at the same generated tokens, and tokens per tree.
   train    the trained outcome: the default MCTS arm (benchmarks/compare.py's mcts-tree-c2) with
-           one knob changed, one seed each, the same step budget as compare.py's arms; mean@16 on
-           all 820 test problems at T = 1.0 and 0.2, and the 200-problem curve by step and tokens.
+           one knob changed, one seed each, at the convergence comparison's budget and schedule
+           (benchmarks/convergence.py: S = 1,400 steps, lr 1e-5 decayed linearly); mean@16 on all
+           820 test problems at T = 1.0 and 0.2, and the 200-problem curve by step and tokens.
+           The default point (M = 12, 16 workers) is that comparison's own run: its summaries
+           are copied from results/convergence/, not trained again.
 
     python benchmarks/scaling.py search --iterations 4 8 12 24 48 --workers 4 8 16 32
     python benchmarks/scaling.py search --model runs/compare/mcts-tree-c2-seed0 --tag trained
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import compare
+import convergence
 import search_gain
 
 import plots
@@ -124,14 +129,27 @@ def search_table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def train_jobs(iterations: list[int], workers: list[int], seed: int, steps: int,
+def train_jobs(iterations: list[int], workers: list[int], seed: int, steps: int, lr: float,
                runs: str, results: Path) -> list:
     """One knob at a time around the default: (M, default workers) and (default M, workers)."""
     points = sorted({(m, DEFAULT.mcts_workers) for m in iterations}
                     | {(DEFAULT.mcts_iterations, w) for w in workers})
-    ns = SimpleNamespace(runs=runs, steps=steps, eval_every=100, train_flags=[])
+    ns = SimpleNamespace(runs=runs, steps=steps, eval_every=100,
+                         train_flags=convergence.train_flags(lr))
     return [j for m, w in points
             if (j := compare.job_for(register_arm(m, w), seed, ns, results)) is not None]
+
+
+def reuse_default(seed: int, steps: int, lr: float, results: Path,
+                  convergence_results: Path = convergence.RESULTS) -> bool:
+    """Copy the convergence comparison's run of the default arm as the default grid point: the
+    same flags, seed, steps and schedule. Only at convergence.py's own lr; True if copied."""
+    src = convergence_results / f"steps{steps}" / f"{BASE_ARM}-seed{seed}"
+    dst = results / f"{arm_name(DEFAULT.mcts_iterations, DEFAULT.mcts_workers)}-seed{seed}"
+    if lr != convergence.DEFAULT_LR or not src.is_dir() or dst.is_dir():
+        return False
+    shutil.copytree(src, dst)
+    return True
 
 
 def report(results: Path, figures: Path) -> None:
@@ -165,6 +183,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0, help="train: the seed of every run")
     ap.add_argument("--steps", type=int, default=1400, help="train: optimizer steps per run")
+    ap.add_argument("--lr", type=float, default=convergence.DEFAULT_LR,
+                    help="train: peak lr of the linear decay (convergence.py's)")
     ap.add_argument("--parallel", type=int, default=2, help="train: runs at a time")
     ap.add_argument("--runs", default="runs/scaling", help="train: run directories")
     ap.add_argument("--results", type=Path, default=RESULTS)
@@ -176,8 +196,10 @@ def main() -> None:
         grid_search(args.model, args.iterations, args.workers, args.problems, args.threads,
                     args.results / f"search-{args.tag}.json")
     elif args.what == "train":
-        jobs = train_jobs(args.iterations, args.workers, args.seed, args.steps, args.runs,
-                          args.results / "train")
+        if reuse_default(args.seed, args.steps, args.lr, args.results / "train"):
+            print("scaling: the default point copied from the convergence comparison")
+        jobs = train_jobs(args.iterations, args.workers, args.seed, args.steps, args.lr,
+                          args.runs, args.results / "train")
         print(f"scaling: {len(jobs)} training runs, {args.parallel} at a time", flush=True)
         compare.run_jobs(jobs, args.parallel, Path(args.runs) / "logs")
     report(args.results, args.figures)
