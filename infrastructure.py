@@ -205,13 +205,14 @@ def generator_stats(sh: Shared) -> dict:
 DDP_TIMEOUT = timedelta(hours=2)
 
 
-def init_process_group(device: torch.device, rank: int, world_size: int, port: int) -> None:
+def init_process_group(device: torch.device, rank: int, world_size: int, port: int,
+                       timeout: timedelta = DDP_TIMEOUT) -> None:
     """Join the trainers' DDP group: nccl on GPU (one rank per GPU: the current device), gloo on CPU."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank,
                             init_method=f"tcp://127.0.0.1:{port}", world_size=world_size,
-                            timeout=DDP_TIMEOUT)
+                            timeout=timeout)
 
 
 def global_means(values: dict[str, float], device: torch.device) -> dict[str, float]:

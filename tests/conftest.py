@@ -25,3 +25,14 @@ def tiny_sampler(tiny_test_model):
 
     policy, tokenizer = load_policy(str(tiny_test_model))
     return TorchSampler(policy, tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_child_process_outlives_the_suite():
+    """A process left behind by a failed test would hang pytest's exit (multiprocessing joins its
+    non-daemon children there): the suite ends by killing any that remain."""
+    yield
+    import multiprocessing
+
+    for p in multiprocessing.active_children():
+        p.kill()

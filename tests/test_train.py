@@ -416,7 +416,7 @@ def test_non_finite_loss_skips_the_update_like_a_non_finite_gradient(tiny_test_m
     assert opt.state == {} and all(p.grad is None for p in policy.parameters())
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(150)
 def test_a_nan_loss_on_one_ddp_rank_skips_the_update_on_every_rank(tiny_test_model):
     """Without the all-reduce of the decision, rank 0 would wait in backward's all-reduce for a
     rank that skipped it: a hang. Both ranks skip; neither moves its weights."""
@@ -424,13 +424,16 @@ def test_a_nan_loss_on_one_ddp_rank_skips_the_update_on_every_rank(tiny_test_mod
 
     ctx = torch.multiprocessing.get_context("spawn")
     out, port = ctx.Queue(), infra.free_port()
-    procs = [ctx.Process(target=fakes.ddp_nan_loss_rank, args=(r, str(tiny_test_model), port, out))
-             for r in (0, 1)]
+    procs = [ctx.Process(target=fakes.ddp_nan_loss_rank, args=(r, str(tiny_test_model), port, out),
+                         daemon=True) for r in (0, 1)]
     for p in procs:
         p.start()
-    results = sorted(out.get(timeout=100) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
+    try:
+        results = sorted(out.get(timeout=110) for _ in procs)
+    finally:  # a failed test leaves no rank behind (pytest's exit would wait for it)
+        for p in procs:
+            p.join(timeout=10)
+            p.kill()
     assert results == [(0, 1.0, True), (1, 1.0, True)]
 
 
