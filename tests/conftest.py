@@ -1,5 +1,6 @@
 """Shared fixtures. Tests run on the 2-core box: two torch threads."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,18 @@ def no_child_process_outlives_the_suite():
 
     for p in multiprocessing.active_children():
         p.kill()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_module_leaks_its_process_state():
+    """vLLM's in-process engine sets LD_PRELOAD (torch's libgomp), thread-binding variables and
+    replaces torch.set_num_threads with a no-op for the rest of the process; every process a
+    later test spawns would inherit them. Each test module hands back the state it was given."""
+    env, set_threads = dict(os.environ), torch.set_num_threads
+    threads, cores = torch.get_num_threads(), os.sched_getaffinity(0)
+    yield
+    os.environ.clear()
+    os.environ.update(env)
+    torch.set_num_threads = set_threads
+    torch.set_num_threads(threads)
+    os.sched_setaffinity(0, cores)
