@@ -38,7 +38,8 @@ class ScriptedSampler:
     def generate(self, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0,
                  stop=(STEP_END, ANSWER_CLOSE), want_values=False):
         self.calls.append({"prompts": len(prompts), "n": n, "max_new_tokens": max_new_tokens,
-                           "stop": tuple(stop), "want_values": want_values})
+                           "temperature": temperature, "stop": tuple(stop),
+                           "want_values": want_values})
         out = []
         for p in prompts:
             done = self.tokenizer.decode(p).split("\n", 1)[1]  # the prompt ends at its newline

@@ -119,6 +119,7 @@ def test_collate_aligns_completion_tokens_by_hand():
     assert out["versions"].tolist() == [3, 4] and out["rewards"].tolist() == [1.0, -1.0]
     # advantages sit on the same positions as the mask, 0 on prompt and padding
     assert out["advantages"].tolist() == [[0, 0, -7, -8], [0.25, 0.5, 0.75, 0]]
+    assert out["input_ids"].dtype == out["attention_mask"].dtype == torch.int64  # embedding ids
 
 
 def test_advantages_by_method_by_hand():
@@ -174,7 +175,7 @@ def test_mcts_producer_tree_baseline_and_search_metrics():
     [t] = train.mcts_trajectories([PROBLEM], ScriptedSampler(script),
                                   train.Args(mcts_workers=1, mcts_iterations=4, mcts_k=2,
                                              mcts_baseline="value"), 7)
-    assert not t["advantages"].any()
+    assert t["advantages"].tolist() == [0.0] * len(t["tokens"])
     # whole tree: both answers, leave-one-out (1 - 0, 0 - 1), or step credit: the shared step A
     # gets (V(A) - V(root)) + (V(A) - V(root)) = 0, the answers +-((0.5) + (0.5))
     for credit, adv_a in (("leaf", (1.0, -1.0)), ("step", (0.0, 0.0))):
@@ -256,8 +257,11 @@ def test_cispo_producer_sends_group_relative_advantages_by_hand():
     # dense rewards, by hand: for 10: 13 -> 1 - 2 * 3/10 = 0.4, 10 -> 1, 15 -> 1 - 2 * 5/10 = 0,
     # missing numbers -> -1 (mean 0.1); for 13: 1 - 6/13, 1 - 4/13 ... -> 1, 7/13, 9/13, -1
     r10, r13 = [0.4, 1.0, 0.0, -1.0], [1.0, 7 / 13, 9 / 13, -1.0]
-    args = train.Args(method="cispo", group_size=4, max_new_tokens=64)
-    trajs = train.cispo_trajectories([ten, thirteen], ScriptedSampler(answers_script), args, 3)
+    args = train.Args(method="cispo", group_size=4, max_new_tokens=50, temperature=0.7)
+    sampler = ScriptedSampler(answers_script)
+    trajs = train.cispo_trajectories([ten, thirteen], sampler, args, 3)
+    assert sampler.calls == [{"prompts": 2, "n": 4, "max_new_tokens": 50, "temperature": 0.7,
+                              "stop": ("</answer>",), "want_values": False}]
     assert len(trajs) == 8
     for t, r, adv in zip(trajs, r10 + r13, [x - 0.1 for x in r10] + [x - sum(r13) / 4 for x in r13]):
         assert t["reward"].item() == pytest.approx(r)
@@ -265,14 +269,32 @@ def test_cispo_producer_sends_group_relative_advantages_by_hand():
         assert t["version"].item() == 3
     i = ANSWERS.index("<answer>1+2+3*4</answer>")
     assert trajs[i]["old_logprobs"].sum().item() == pytest.approx(-1.0 - i)
+    with pytest.raises(ValueError):  # a sampler that loses a prompt's group is not paired off
+        train.cispo_trajectories([ten, thirteen], LosingSampler(answers_script), args, 3)
+
+
+class LosingSampler:
+    """Returns one group fewer than it was given prompts (a broken backend)."""
+
+    def __init__(self, script):
+        from test_mcts import ScriptedSampler
+
+        self.inner = ScriptedSampler(script)
+        self.tokenizer = self.inner.tokenizer
+
+    def generate(self, prompts, **kw):
+        return self.inner.generate(prompts, **kw)[1:]
 
 
 def test_bon_producer_sends_the_best_of_n_by_dense_reward():
     from test_mcts import ScriptedSampler
 
     problem = countdown.Problem((1, 2, 3, 4), 10)
-    args = train.Args(method="bon", bon_n=4, max_new_tokens=64)
-    [t] = train.bon_trajectories([problem], ScriptedSampler(answers_script), args, 5)
+    args = train.Args(method="bon", bon_n=4, max_new_tokens=50, temperature=0.7)
+    sampler = ScriptedSampler(answers_script)
+    [t] = train.bon_trajectories([problem], sampler, args, 5)
+    assert sampler.calls == [{"prompts": 1, "n": 4, "max_new_tokens": 50, "temperature": 0.7,
+                              "stop": ("</answer>",), "want_values": False}]
     best = "<answer>1+2+3+4</answer>"  # reward 1.0, the second of the four samples
     assert bytes(t["tokens"].tolist()).decode() == best and t["reward"].item() == 1.0
     assert t["old_logprobs"].tolist() == pytest.approx([-2.0 / len(best)] * len(best))
@@ -281,6 +303,53 @@ def test_bon_producer_sends_the_best_of_n_by_dense_reward():
     [t] = train.bon_trajectories([problem], ScriptedSampler(answers_script),
                                  replace(args, bon_n=1), 5)
     assert t["reward"].item() == pytest.approx(0.4)
+    with pytest.raises(ValueError):
+        train.bon_trajectories([problem, problem], LosingSampler(answers_script), args, 5)
+
+
+def test_mcts_config_carries_every_search_flag():
+    args = train.Args(mcts_workers=3, mcts_iterations=5, mcts_k=7, c_puct=1.25, temperature=0.7,
+                      max_step_tokens=11, max_new_tokens=99, mcts_virtual_value=-0.5,
+                      mcts_select="q", mcts_max_tree_tokens=321)
+    assert train.mcts_config(args) == mcts.MCTSConfig(
+        workers=3, iterations=5, k=7, c_puct=1.25, temperature=0.7, max_step_tokens=11,
+        max_total_tokens=99, virtual_value=-0.5, select="q", max_tree_tokens=321)
+
+
+ROLLOUT = {"prompt_ids": [1, 2], "tokens": [3, 4, 5], "old_logprobs": [-0.5, -0.25, -1.0],
+           "reward": 0.5, "advantages": [0.125, 0.25, -0.375]}  # exact in float32
+
+
+@pytest.mark.parametrize("method", ["treepo", "treerl"])
+def test_tree_producers_carry_the_flags_and_send_the_rollouts(monkeypatch, method):
+    """The TreePO / TreeRL producers: the flags become the paper's knobs, and each rollout
+    (advantages worked out in treepo.py / treerl.py, tested there) becomes one item as is."""
+    seen = {}
+
+    def rollouts(problems, sampler, cfg):
+        seen.update(problems=problems, sampler=sampler, cfg=cfg)
+        return [ROLLOUT]
+
+    monkeypatch.setattr(train.treepo, "treepo_rollouts", rollouts)
+    monkeypatch.setattr(train.treerl, "treerl_rollouts", rollouts)
+    args = train.Args(method=method, seed=4, temperature=0.7, max_new_tokens=50, group_size=5,
+                      treepo_segment_len=12, treepo_branch=3, treerl_m=7, treerl_n=3,
+                      treerl_l=2, treerl_t=4, tree_reward="sparse")
+    [t] = train.PRODUCERS[method](["p"], "s", args, 9)
+    assert seen["problems"] == ["p"] and seen["sampler"] == "s"
+    if method == "treepo":  # depth: max_new_tokens // segment_len = 50 // 12 = 4 segments
+        assert seen["cfg"] == train.treepo.TreePOConfig(
+            segment_len=12, max_depth=4, branch=3, width=5, temperature=0.7, seed=4,
+            reward="sparse")
+    else:
+        assert seen["cfg"] == train.treerl.TreeRLConfig(
+            M=7, N=3, L=2, T=4, temperature=0.7, max_new_tokens=50, reward="sparse")
+    assert {k: t[k].tolist() for k in ROLLOUT} == ROLLOUT
+    assert t["version"].item() == 9
+    # a segment longer than the budget still gets one segment
+    if method == "treepo":
+        train.treepo_trajectories([], None, replace(args, max_new_tokens=8), 0)
+        assert seen["cfg"].max_depth == 1
 
 
 def test_work_items_are_disjoint_and_deterministic():
