@@ -349,10 +349,11 @@ def test_rollout_finishes_a_path_that_stops_at_a_non_terminal_node():
     # 1 iteration: the root expanded, its children unvisited -> greedy stops at the root and takes
     # the best-evaluated child, A (V 0.5 > B's -0.2), which is not terminal: rollout from A.
     sampler = ScriptedSampler(hand_script)
-    [res] = search([PROBLEM], sampler, MCTSConfig(workers=1, iterations=1, k=2))
+    [res] = search([PROBLEM], sampler, MCTSConfig(workers=1, iterations=1, k=2, temperature=0.7))
     rollout = "<answer>(1+2)*3+4</answer>"
     assert sampler.calls[-1] == {"prompts": 1, "n": 1, "max_new_tokens": 256 - len(A),
-                                 "stop": (ANSWER_CLOSE,), "want_values": False}
+                                 "temperature": 0.7, "stop": (ANSWER_CLOSE,),
+                                 "want_values": False}
     assert res.text == A + rollout and res.tokens == [ord(ch) for ch in A + rollout]
     assert res.logprobs == pytest.approx([-1.0 / len(A)] * len(A)
                                          + [-0.7 / len(rollout)] * len(rollout))
