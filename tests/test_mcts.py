@@ -433,6 +433,10 @@ def test_tree_dict_is_json_and_config_errors_are_one_line():
     assert tree["N"] == 12 and tree["Q"] == pytest.approx(0.4)
     assert [c["N"] for c in tree["children"]] == [5, 5, 2, 0]
     assert tree["children"][3]["terminal"] and tree["children"][3]["reward"] == 1.0
+    first = root.children[0]  # every field a tree picture reads, under its documented name
+    assert {k: v for k, v in tree["children"][0].items() if k != "children"} == {
+        "text": first.text, "prior": first.prior, "N": first.N, "Q": first.q,
+        "terminal": first.terminal, "reward": first.reward, "value": first.value}
     with pytest.raises(ValueError, match="select must be one of"):
         search([PROBLEM], ScriptedSampler(hand_script), MCTSConfig(select="best"))
 
@@ -490,3 +494,31 @@ def test_search_with_tiny_model_matches_teacher_forced_logprobs(tiny_sampler):
         for node in res.path[1:]:
             if node.value is not None:  # V(s) at the step's last token
                 assert abs(node.value - values[0, p + node.length - 1].item()) < 1e-4
+
+
+def test_answers_are_distinct_and_the_rollout_joins_only_when_it_is_new():
+    """mcts.answers by hand on a built tree: root -> A -> {ANSWER (terminal), S (a step)}."""
+    from mcts import Node, SearchResult, answers
+
+    root = Node()
+    a = Node(tokens=[1, 2], logprobs=[-0.5, -0.5], parent=root, N=3, depth=1, length=2)
+    ans = Node(tokens=[3], logprobs=[-0.25], parent=a, N=2, terminal=True, reward=1.0, depth=2)
+    step = Node(tokens=[4, 5], logprobs=[-1.0, -1.0], parent=a, N=1, depth=2)
+    root.children, a.children = [a], [ans, step]
+
+    def result(tokens, from_rollout):
+        return SearchResult(prompt_ids=[9], tokens=tokens, logprobs=[-0.5] * len(tokens),
+                            text="", reward=0.5, root=root, path=[root, a, step],
+                            stats={"from_rollout": from_rollout, "rollout_tokens": 1})
+
+    [only] = answers(result([1, 2, 3], from_rollout=0))
+    assert (only.tokens, only.reward, only.visits, only.lengths) == ([1, 2, 3], 1.0, 2, [2, 1])
+    assert only.steps == [a, ans] and only.logprobs == [-0.5, -0.5, -0.25]
+    # a rollout that ended in the tree's own answer is not a second answer
+    assert len(answers(result([1, 2, 3], from_rollout=1))) == 1
+    # a new rollout answer from S: its steps, then the rollout as a step of its own
+    new = answers(result([1, 2, 4, 5, 6], from_rollout=1))[1]
+    assert (new.tokens, new.reward, new.visits, new.lengths) == ([1, 2, 4, 5, 6], 0.5, 1, [2, 2, 1])
+    assert new.steps[:2] == [a, step] and len(new.steps) == 3
+    # without a rollout the selected path ended in the tree: nothing to add
+    assert len(answers(result([1, 2, 4, 5, 6], from_rollout=0))) == 1
