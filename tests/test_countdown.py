@@ -103,6 +103,7 @@ def test_exact_fractions():
     ans("1/" * 60 + "1"),                      # long division chain
     "x" * 1_000_000 + ans("1+2"),              # very long completion
     ans("\x00"), ans("١+٢"), ans("\u00a013"), ans("1+2\n\n3"),
+    None, b"<answer>3*(13-4)-3</answer>",       # not a string (bytes: right, yet not text)
 ])
 def test_rewards_survive_hostile_input(text):
     assert dense_reward(text, P) == -1.0
@@ -122,6 +123,10 @@ def test_each_parser_limit_turns_an_otherwise_scoring_answer_away():
     chain = "+".join(["1"] * (MAX_DEPTH + 1))  # MAX_DEPTH additions: leaves at MAX_DEPTH
     assert is_well_formatted(ans(chain))
     assert not is_well_formatted(ans(chain + "+1"))
+    # and right-leaning: 1+(1+(1+...)) counts its depth the same way
+    nested = "1+(" * MAX_DEPTH + "1" + ")" * MAX_DEPTH  # MAX_DEPTH additions
+    assert is_well_formatted(ans(nested))
+    assert not is_well_formatted(ans("1+(" + nested + ")"))
     biggest = "9" * MAX_LITERAL_DIGITS
     assert is_well_formatted(ans(biggest)) and not is_well_formatted(ans(biggest + "9"))
     # an exact answer with one literal over the bound (13 * 10^6 / 10^6 ...) is turned away too
@@ -339,8 +344,13 @@ class FakeTokenizer:
         self.chat_template = chat_template
 
     def apply_chat_template(self, messages, add_generation_prompt, tokenize):
-        assert add_generation_prompt and not tokenize
-        return f"<user>{messages[0]['content']}</user><assistant>"
+        assert add_generation_prompt is True and tokenize is False  # text, open for the reply
+        [m] = messages
+        return f"<{m['role']}>{m['content']}</{m['role']}><assistant>"
+
+
+class BareTokenizer:
+    """No chat_template attribute at all (a plain tokenizer object)."""
 
 
 def test_prompt():
@@ -349,6 +359,7 @@ def test_prompt():
     assert make_prompt(P) == msg + "\n"
     assert make_prompt(P, FakeTokenizer(None)) == msg + "\n"
     assert make_prompt(P, FakeTokenizer("{{ messages }}")) == f"<user>{msg}</user><assistant>"
+    assert make_prompt(P, BareTokenizer()) == msg + "\n"
     assert len(make_prompt(Problem((13, 13, 13, 13), 100))) <= 110
     # "short" (the tiny model): asked for, or declared by the tokenizer's config
     assert make_prompt(P, style="short") == "Use 4 3 13 3 to make 24.\n"
