@@ -24,6 +24,7 @@ from countdown import (
     make_prompt,
     make_splits,
     parse_answer,
+    prompt_ids,
     solution_trace,
     solve,
     solve_steps,
@@ -396,3 +397,16 @@ def test_splits_deterministic(splits):
     assert make_splits(1, n_train=200, n_test=50) != make_splits(2, n_train=200, n_test=50)
     with pytest.raises(ValueError, match="distinct"):
         make_splits(n_train=10**6)
+
+
+def test_prompt_ids_are_the_tokenizers_templated_short_prompt():
+    """The tiny tokenizer declares the short style and carries Qwen's chat template: one token
+    per character, the template's markers one token each."""
+    import tiny
+
+    tok = tiny.build_tokenizer()
+    ids = prompt_ids(P, tok)
+    text = "<|im_start|>user\nUse 4 3 13 3 to make 24.<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(ids) == text
+    # one token per character but the 3 markers: 74 characters, 2 x 12 + 10 of them markers
+    assert len(ids) == len(text) - 2 * (len("<|im_start|>") - 1) - (len("<|im_end|>") - 1) == 43
