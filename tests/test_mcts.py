@@ -460,6 +460,10 @@ def test_token_budget_stops_the_search_before_a_worst_case_expansion_overruns_it
     assert res.stats["expansions"] == 2 and res.stats["collisions"] == 3
     assert res.stats["tokens_generated"] == 2 * 48 + len(ANSWER)
     assert all(n.vloss == 0 for n in all_nodes(res.root))
+    # train.py's virtual value 0 (visits only): the shared root's virtual loss comes off in steps
+    [res] = search([PROBLEM], ScriptedSampler(endless_script),
+                   dataclasses.replace(cfg, workers=4, virtual_value=0.0))
+    assert all(n.vloss == 0 and n.vvalue == 0.0 for n in all_nodes(res.root))
     for budget in range(128, 400, 7):  # never over budget
         [res] = search([PROBLEM], ScriptedSampler(endless_script),
                        dataclasses.replace(cfg, max_tree_tokens=budget))
@@ -522,3 +526,16 @@ def test_answers_are_distinct_and_the_rollout_joins_only_when_it_is_new():
     assert new.steps[:2] == [a, step] and len(new.steps) == 3
     # without a rollout the selected path ended in the tree: nothing to add
     assert len(answers(result([1, 2, 4, 5, 6], from_rollout=0))) == 1
+
+
+def test_fit_cuts_a_sample_to_its_own_budget_as_a_length_stop():
+    """Samples of one batch share max_new_tokens; each is cut to what its path has left: the
+    tokens, their log-probs and text together, ended as a length stop (terminal) without V."""
+    from mcts import _fit
+
+    c = FakeCompletion(tokens=[49, 50, 51, 52], logprobs=[-1.0, -2.0, -3.0, -4.0], text="1234",
+                       finish_reason="step", value=0.5)
+    assert _fit(c, 4, CharTokenizer()) is c
+    cut = _fit(c, 2, CharTokenizer())
+    assert (cut.tokens, cut.logprobs, cut.text, cut.finish_reason, cut.value) == (
+        [49, 50], [-1.0, -2.0], "12", "length", None)
