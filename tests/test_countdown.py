@@ -410,3 +410,16 @@ def test_prompt_ids_are_the_tokenizers_templated_short_prompt():
     assert tok.decode(ids) == text
     # one token per character but the 3 markers: 74 characters, 2 x 12 + 10 of them markers
     assert len(ids) == len(text) - 2 * (len("<|im_start|>") - 1) - (len("<|im_end|>") - 1) == 43
+
+
+@pytest.mark.parametrize("nums, target, expr, steps", [
+    ((4, 3, 13, 3), 24, "(13-4)*3-3", ["13-4=9", "9*3=27", "27-3=24"]),
+    ((2, 3, 5, 7), 1, "2-(3-(7-5))", ["7-5=2", "3-2=1", "2-1=1"]),  # right operands of - keep ()
+    ((6, 6, 6, 6), 1, "6/(6+6-6)", ["6+6=12", "12-6=6", "6/6=1"]),
+    ((8, 3, 8, 3), 24, "8/(3-8/3)", ["8/3=8/3", "3-(8/3)=1/3", "8/(1/3)=24"]),  # no integer path
+])
+def test_solver_output_by_hand(nums, target, expr, steps):
+    """The exact strings (checked by hand: each evaluates to the target, parentheses only where
+    precedence needs them, integer steps when there are some): they are the warm start's SFT
+    traces, so a change in their form changes the shipped model's data."""
+    assert solve(nums, target) == expr and solve_steps(nums, target) == steps
