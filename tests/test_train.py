@@ -337,19 +337,18 @@ def test_tree_producers_carry_the_flags_and_send_the_rollouts(monkeypatch, metho
                       treerl_l=2, treerl_t=4, tree_reward="sparse")
     [t] = train.PRODUCERS[method](["p"], "s", args, 9)
     assert seen["problems"] == ["p"] and seen["sampler"] == "s"
+    assert {k: t[k].tolist() for k in ROLLOUT} == ROLLOUT
+    assert t["version"].item() == 9
     if method == "treepo":  # depth: max_new_tokens // segment_len = 50 // 12 = 4 segments
         assert seen["cfg"] == train.treepo.TreePOConfig(
             segment_len=12, max_depth=4, branch=3, width=5, temperature=0.7, seed=4,
             reward="sparse")
+        # a segment longer than the budget still gets one segment
+        train.treepo_trajectories([], None, replace(args, max_new_tokens=8), 0)
+        assert seen["cfg"].max_depth == 1
     else:
         assert seen["cfg"] == train.treerl.TreeRLConfig(
             M=7, N=3, L=2, T=4, temperature=0.7, max_new_tokens=50, reward="sparse")
-    assert {k: t[k].tolist() for k in ROLLOUT} == ROLLOUT
-    assert t["version"].item() == 9
-    # a segment longer than the budget still gets one segment
-    if method == "treepo":
-        train.treepo_trajectories([], None, replace(args, max_new_tokens=8), 0)
-        assert seen["cfg"].max_depth == 1
 
 
 def test_work_items_are_disjoint_and_deterministic():
