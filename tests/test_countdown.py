@@ -1,6 +1,7 @@
 """countdown.py: rewards against values computed by hand, fuzzing, the solver against an
 independent brute force, and the splits."""
 
+import ast
 import itertools
 import random
 import re
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import countdown
 from countdown import (
     ANSWER_CLOSE,
     ANSWER_OPEN,
@@ -331,8 +333,99 @@ def test_solver_prefers_integer_steps():
         assert any("/" in s.split("=")[1] for s in steps), steps
 
 
+def integer_values(nums, least=0):
+    """Values reachable with every step's result an integer >= `least` (the classic game's rule;
+    independent of countdown.py's 'nice' nodes)."""
+    if len(nums) == 1:
+        return {nums[0]}
+    out = set()
+    for i, j in itertools.permutations(range(len(nums)), 2):
+        rest = [x for k, x in enumerate(nums) if k not in (i, j)]
+        a, b = nums[i], nums[j]
+        steps = {a + b, a * b, a - b, a // b if b and a % b == 0 else None}
+        for v in {v for v in steps if v is not None and v >= least}:
+            out |= integer_values(rest + [v], least)
+    return out
+
+
+def test_solver_takes_an_integer_path_whenever_one_exists():
+    """The warm start's traces use integer steps when the problem allows (fractions only when it
+    needs them): checked against the independent integer-only search, zero steps included."""
+    # (1, 1, 4, 5) -> 4: integer paths only through a zero (4 + 5 * (1 - 1)), and the first
+    # solution the search meets is all fractions (1 / (5/4 - 1))
+    assert 4 in integer_values([1, 1, 4, 5]) and 4 not in integer_values([1, 1, 4, 5], least=1)
+    rng = random.Random(3)
+    problems = [((1, 1, 4, 5), 4)] + [
+        (tuple(rng.randint(1, 13) for _ in range(4)), rng.randint(1, 100)) for _ in range(300)]
+    for nums, target in problems:
+        steps = solve_steps(nums, target)
+        if steps is None:
+            continue
+        check_steps(steps, nums, target)
+        integer = all(re.fullmatch(r"\d+[+\-*/]\d+=\d+", s) for s in steps)
+        assert integer == (target in integer_values(list(nums))), (nums, target, steps)
+        for a, op, b, _ in (_STEP.fullmatch(s).groups() for s in steps):  # "13+4", not "4+13"
+            assert op not in "+*" or Fraction(a.strip("()")) >= Fraction(b.strip("()")), steps
+
+
+def _fraction_value(expr: str) -> Fraction:
+    ops = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b,
+           ast.Mult: lambda a, b: a * b, ast.Div: lambda a, b: a / b}
+
+    def walk(node):
+        if isinstance(node, ast.BinOp):
+            return ops[type(node.op)](walk(node.left), walk(node.right))
+        return Fraction(node.value)  # the literals are substituted integers
+    return walk(ast.parse(expr, mode="eval").body)
+
+
+def test_solver_writes_only_the_parentheses_it_needs():
+    """Dropping any pair of parentheses from an answer changes it as a function of its numbers
+    (checked at random numbers, so 8-(3-0) vs 8-3-0 is not fooled by a zero): none is redundant."""
+    rng = random.Random(4)
+    checked = 0
+    for _ in range(300):
+        nums, target = tuple(rng.randint(1, 13) for _ in range(4)), rng.randint(1, 100)
+        expr = solve(nums, target)
+        if expr is None or "(" not in expr:
+            continue
+        stack, pairs = [], []
+        for i, c in enumerate(expr):
+            if c == "(":
+                stack.append(i)
+            elif c == ")":
+                pairs.append((stack.pop(), i))
+        for i, j in pairs:
+            dropped = expr[:i] + expr[i + 1:j] + expr[j + 1:]
+            points = [[rng.randint(1, 10**6) for _ in range(4)] for _ in range(3)]
+
+            def at(text, xs):
+                it = iter(xs)
+                return _fraction_value(re.sub(r"\d+", lambda m: str(next(it)), text))
+            assert any(at(expr, xs) != at(dropped, xs) for xs in points), (expr, dropped)
+            checked += 1
+    assert checked > 100
+
+
+@pytest.mark.timeout(60)  # without its guard make_splits would look for a pair that does not exist
+def test_splits_cover_every_pair_once_and_refuse_one_more(monkeypatch):
+    """On numbers 1..3 (monkeypatched) the pairs can be counted by brute force: asking for all of
+    them returns each (sorted numbers, reachable target) exactly once; one more is refused."""
+    monkeypatch.setattr(countdown, "NUM_MAX", 3)
+    pairs = {(ms, t) for ms in itertools.combinations_with_replacement(range(1, 4), 4)
+             for v in brute_force_values([Fraction(x) for x in ms])
+             if v.denominator == 1 and 1 <= (t := int(v)) <= 100}
+    with pytest.raises(ValueError, match=f"only {len(pairs)} distinct"):
+        make_splits(0, n_train=10**6)
+    train, test = make_splits(0, n_train=len(pairs) - 10, n_test=10)
+    assert sorted((tuple(sorted(p.nums)), p.target) for p in train + test) == sorted(pairs)
+    with pytest.raises(ValueError, match=f"asked for {len(pairs) + 1} problems, only {len(pairs)}"):
+        make_splits(0, n_train=len(pairs) - 9, n_test=10)
+
+
 def test_unsolvable():
     assert solve((1, 1, 1, 1), 100) is None
+    assert solve((7,), 8) is None and solve((7,), 7) == "7" and solve_steps((7,), 7) == []
     assert solve_steps((1, 1, 1, 1), 100) is None
     with pytest.raises(ValueError, match="no solution"):
         solution_trace(Problem((1, 1, 1, 1), 100))
