@@ -259,9 +259,9 @@ def test_value_size_is_bounded_by_the_literals(data):
 
 # --- solver --------------------------------------------------------------------------------------
 
-def brute_force_values(nums):
-    """All values reachable by repeatedly combining two numbers of the list (independent of the
-    multiset memo in countdown.py)."""
+def brute_force_values(nums, keep=lambda v: True):
+    """All values reachable by repeatedly combining two numbers of the list, every step's result
+    passing `keep` (independent of the multiset memo in countdown.py)."""
     if len(nums) == 1:
         return {nums[0]}
     out = set()
@@ -269,7 +269,8 @@ def brute_force_values(nums):
         rest = [x for k, x in enumerate(nums) if k not in (i, j)]
         a, b = nums[i], nums[j]
         for v in {a + b, a - b, a * b} | ({a / b} if b else set()):
-            out |= brute_force_values(rest + [v])
+            if keep(v):
+                out |= brute_force_values(rest + [v], keep)
     return out
 
 
@@ -336,16 +337,8 @@ def test_solver_prefers_integer_steps():
 def integer_values(nums, least=0):
     """Values reachable with every step's result an integer >= `least` (the classic game's rule;
     independent of countdown.py's 'nice' nodes)."""
-    if len(nums) == 1:
-        return {nums[0]}
-    out = set()
-    for i, j in itertools.permutations(range(len(nums)), 2):
-        rest = [x for k, x in enumerate(nums) if k not in (i, j)]
-        a, b = nums[i], nums[j]
-        steps = {a + b, a * b, a - b, a // b if b and a % b == 0 else None}
-        for v in {v for v in steps if v is not None and v >= least}:
-            out |= integer_values(rest + [v], least)
-    return out
+    return brute_force_values([Fraction(x) for x in nums],
+                              lambda v: v.denominator == 1 and v >= least)
 
 
 def test_solver_takes_an_integer_path_whenever_one_exists():
