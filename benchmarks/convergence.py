@@ -6,6 +6,7 @@ budget: results/convergence/steps<B>/).
 
     python benchmarks/convergence.py --arms mcts-tree-c2 cispo --seeds 0 1 2 --steps 700
     python benchmarks/convergence.py --steps 700 --report-only   # table + figure, no runs
+    python benchmarks/convergence.py --all   # every committed run (PLAN; finished ones skipped)
 
 The convergence test, one rule for every arm: an arm has converged at S when doubling the budget
 does not raise its mean@16 at T = 1.0 on the 820 problems. Pairing: each problem's mean@16
@@ -42,6 +43,21 @@ from eval import paired_difference
 RESULTS, FIGURES = ROOT / "results" / "convergence", ROOT / "figures" / "convergence"
 DEFAULT_LR = 1e-5  # the step size every arm shares (benchmarks/README.md "Convergence")
 WALL = "wall_time"
+C2, BLOG = "mcts-tree-c2", "mcts"
+# Every run in results/convergence/, as (S, budgets, arms, seeds): `--all` runs them (a test
+# holds this list and the committed folders equal). Order: how the comparison was built up.
+PLAN = [
+    (700, ("S", "2S"), (C2, "cispo"), (0, 1)),
+    (1400, ("S",), (C2, "cispo"), (2,)),  # S = 700 failed the test: the third seed at 1,400
+    (1400, ("2S",), (C2, "cispo", "sft"), (0, 1)),
+    (700, ("S", "2S"), (BLOG, "sft", "bon"), (0, 1)),
+    (700, ("S", "2S"), ("treerl",), (0,)),
+    (1400, ("2S",), ("treerl",), (0,)),
+    (2800, ("2S",), (C2,), (0, 1)),
+]
+# S -> the arms in its table and figure (figures/convergence/convergence_<S>.*)
+REPORTS = {700: [C2, "cispo", BLOG, "sft", "bon", "treerl"], 1400: [C2, "cispo", BLOG, "sft", "treerl"],
+           2800: [C2]}
 
 
 def budget_dir(root: Path, steps: int) -> Path:
@@ -151,6 +167,37 @@ def figure(root: Path, steps: int, arms: list[str]):
     return fig
 
 
+def plan_jobs(arms, seeds, budgets: list[int], args) -> list[tuple[str, list]]:
+    """compare.py's job (train, eval, keep the summaries) for each run not finished yet."""
+    jobs = []
+    for seed in seeds:  # seed-major: every arm's seed 0 at both budgets first
+        for arm in arms:
+            for budget in budgets:
+                ns = SimpleNamespace(runs=f"{args.runs}/steps{budget}", steps=budget,
+                                     eval_every=args.eval_every, train_flags=train_flags(args.lr))
+                job = compare.job_for(arm, seed, ns, budget_dir(args.results, budget))
+                if job is not None:
+                    jobs.append((f"steps{budget}-{job[0]}", job[1]))
+    return jobs
+
+
+def budgets_of(steps: int, which) -> list[int]:
+    return [steps * (2 if b == "2S" else 1) for b in ("S", "2S") if b in which]
+
+
+def report(args, steps: int, arms: list[str]) -> None:
+    """Per-budget results (compare.report) for S and 2S, then the doubling table and figure."""
+    for budget in (steps, 2 * steps):
+        folder = budget_dir(args.results, budget)
+        if folder.is_dir():
+            compare.report(folder, args.figures / f"steps{budget}")
+    text = table(args.results, steps, arms)
+    args.figures.mkdir(parents=True, exist_ok=True)
+    (args.figures / f"convergence_{steps}.md").write_text(text)
+    plots.save(figure(args.results, steps, arms), args.figures / f"convergence_{steps}.png")
+    print(text, end="")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -160,6 +207,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=700, help="S: the short budget (2S is the other)")
     ap.add_argument("--budgets", nargs="+", choices=("S", "2S"), default=["S", "2S"],
                     help="which budgets to run (both by default)")
+    ap.add_argument("--all", action="store_true",
+                    help="every committed run (PLAN) and every table, instead of --arms ... --budgets")
     ap.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak lr of the linear decay")
     ap.add_argument("--eval-every", type=int, default=100, help="200-problem eval every N steps")
     ap.add_argument("--parallel", type=int, default=2, help="runs at a time (one core each)")
@@ -170,29 +219,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.steps < 1 or args.parallel < 1 or args.lr <= 0:
         raise SystemExit("convergence: --steps, --parallel and --lr must be positive")
-    budgets = [args.steps * (2 if b == "2S" else 1) for b in ("S", "2S") if b in args.budgets]
+    plan = PLAN if args.all else [(args.steps, args.budgets, args.arms, args.seeds)]
     if not args.report_only:
-        jobs = []
-        for seed in args.seeds:  # seed-major: every arm's seed 0 at both budgets first
-            for arm in args.arms:
-                for budget in budgets:
-                    ns = SimpleNamespace(runs=f"{args.runs}/steps{budget}", steps=budget,
-                                         eval_every=args.eval_every,
-                                         train_flags=train_flags(args.lr))
-                    job = compare.job_for(arm, seed, ns, budget_dir(args.results, budget))
-                    if job is not None:
-                        jobs.append((f"steps{budget}-{job[0]}", job[1]))
+        jobs = [job for steps, which, arms, seeds in plan
+                for job in plan_jobs(arms, seeds, budgets_of(steps, which), args)]
         print(f"convergence: {len(jobs)} jobs, {args.parallel} at a time", flush=True)
         compare.run_jobs(jobs, args.parallel, Path(args.runs) / "logs")
-    for budget in (args.steps, 2 * args.steps):
-        folder = budget_dir(args.results, budget)
-        if folder.is_dir():
-            compare.report(folder, args.figures / f"steps{budget}")
-    text = table(args.results, args.steps, args.arms)
-    args.figures.mkdir(parents=True, exist_ok=True)
-    (args.figures / f"convergence_{args.steps}.md").write_text(text)
-    plots.save(figure(args.results, args.steps, args.arms), args.figures / f"convergence_{args.steps}.png")
-    print(text, end="")
+    for steps, arms in (REPORTS.items() if args.all else [(args.steps, args.arms)]):
+        report(args, steps, arms)
 
 
 if __name__ == "__main__":

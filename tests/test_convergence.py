@@ -4,6 +4,7 @@ import importlib.util
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -68,3 +69,33 @@ def test_table_by_hand(tmp_path):
     assert cells[8] == "50.0% / 100.0%"  # pass@16 at S / 2S
     # converged at S: its cost is S's run (2 steps, 300 tokens)
     assert cells[9:12] == ["yes", "2", "0.00 M"]
+
+
+def planned_runs():
+    return [(budget, arm, seed) for steps, which, arms, seeds in convergence.PLAN
+            for budget in convergence.budgets_of(steps, which) for arm in arms for seed in seeds]
+
+
+def test_the_plan_is_every_committed_run_once():
+    """`--all` reproduces results/convergence: its PLAN names each committed run, once."""
+    committed = {(int(d.parent.name.removeprefix("steps")), *d.name.rsplit("-seed", 1))
+                 for d in convergence.RESULTS.glob("steps*/*-seed*")}
+    committed = {(b, arm, int(seed)) for b, arm, seed in committed}
+    assert len(planned_runs()) == len(set(planned_runs()))
+    assert set(planned_runs()) == committed
+    assert convergence.budgets_of(700, ("S", "2S")) == [700, 1400]
+    assert convergence.budgets_of(1400, ("2S",)) == [2800]
+
+
+def test_plan_jobs_skip_finished_runs(tmp_path):
+    args = SimpleNamespace(runs=str(tmp_path / "runs"), results=tmp_path / "results",
+                           eval_every=100, lr=1e-5)
+    done = tmp_path / "results" / "steps1400" / "cispo-seed1"
+    done.mkdir(parents=True)
+    for t in (1, 0.2):
+        (done / f"eval_t{t:g}.json").write_text("{}")
+    jobs = convergence.plan_jobs(["cispo", "sft"], [0, 1], [700, 1400], args)
+    assert [name for name, _ in jobs] == [
+        "steps700-cispo-seed0", "steps1400-cispo-seed0", "steps700-sft-seed0",
+        "steps1400-sft-seed0", "steps700-cispo-seed1", "steps700-sft-seed1",
+        "steps1400-sft-seed1"]
