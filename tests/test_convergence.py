@@ -78,9 +78,9 @@ def planned_runs():
 
 def test_the_plan_is_every_committed_run_once():
     """`--all` reproduces results/convergence: its PLAN names each committed run, once."""
-    committed = {(int(d.parent.name.removeprefix("steps")), *d.name.rsplit("-seed", 1))
+    committed = {(int(d.parent.name.removeprefix("steps")), d.name.rsplit("-seed", 1)[0],
+                  int(d.name.rsplit("-seed", 1)[1]))
                  for d in convergence.RESULTS.glob("steps*/*-seed*")}
-    committed = {(b, arm, int(seed)) for b, arm, seed in committed}
     assert len(planned_runs()) == len(set(planned_runs()))
     assert set(planned_runs()) == committed
     assert convergence.budgets_of(700, ("S", "2S")) == [700, 1400]

@@ -278,13 +278,18 @@ _NUMBER = r"(\d+|\(-?\d+(?:/\d+)?\))"
 _STEP = re.compile(rf"{_NUMBER}([+\-*/]){_NUMBER}=(-?\d+(?:/\d+)?)")
 
 
+def parse_step(step):
+    """"(8/3)-1=5/3" -> (Fraction(8, 3), "-", 1, Fraction(5, 3)); the step must match the form."""
+    m = _STEP.fullmatch(step)
+    assert m, step
+    return tuple(Fraction(g.strip("()")) if i != 1 else g for i, g in enumerate(m.groups()))
+
+
 def check_steps(steps, nums, target):
     """Each step is right and consumes two numbers of the current pool; the last leaves the target."""
     pool = [Fraction(x) for x in nums]
     for step in steps:
-        m = _STEP.fullmatch(step)
-        assert m, step
-        a, op, b, c = (Fraction(g.strip("()")) if i != 1 else g for i, g in enumerate(m.groups()))
+        a, op, b, c = parse_step(step)
         assert {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else None}[op] == c, step
         pool.remove(a)
         pool.remove(b)
@@ -357,8 +362,8 @@ def test_solver_takes_an_integer_path_whenever_one_exists():
         check_steps(steps, nums, target)
         integer = all(re.fullmatch(r"\d+[+\-*/]\d+=\d+", s) for s in steps)
         assert integer == (target in integer_values(list(nums))), (nums, target, steps)
-        for a, op, b, _ in (_STEP.fullmatch(s).groups() for s in steps):  # "13+4", not "4+13"
-            assert op not in "+*" or Fraction(a.strip("()")) >= Fraction(b.strip("()")), steps
+        for a, op, b, _ in map(parse_step, steps):  # "13+4", not "4+13"
+            assert op not in "+*" or a >= b, steps
 
 
 def _fraction_value(expr: str) -> Fraction:
